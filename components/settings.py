@@ -1,0 +1,125 @@
+"""One settings class for all of Tandem.
+
+Every value can be set by an environment variable with the ``TANDEM_`` prefix or in a ``.env`` file, e.g.
+``TANDEM_STATE_DIR=/srv/tandem`` or ``TANDEM_VLLM_URLS=http://a:8100,http://b:8100``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Tandem's configuration; defaults run everything embedded on 127.0.0.1."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", env_file=".env", extra="ignore")
+
+    # Where every file Tandem writes at run time goes.
+    state_dir: Path = Path(".tandem")
+
+    # Postgres: empty means the embedded server under state_dir/postgres.
+    database_url: str = ""
+
+    # Models: empty means the offline defaults shipped by PyPI packages.
+    base_model: str = ""
+    served_model_name: str = "smollm2-135m"
+    embedding_model: str = ""
+    embedding_dim: int = 384
+
+    # Serving
+    host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    vllm_port: int = 8100
+    airflow_port: int = 8080
+    prometheus_port: int = 9090
+    gpu_exporter_port: int = 9400
+    vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    vllm_max_model_len: int = 2048
+    vllm_kv_cache_gib: int = 1
+    vllm_extra_args: str = ""
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    startup_timeout_s: float = 240.0
+
+    # LoRA limits, shared by training (refuse before promotion) and vLLM (--max-lora-rank, --max-loras)
+    max_lora_rank: int = 16
+    max_loras: int = 2
+
+    # Schedules (cron or Airflow presets)
+    ingest_schedule: str = "@hourly"
+    retrain_schedule: str = "@daily"
+    eval_schedule: str = "@daily"
+
+    # Sample domain shipped with the repo
+    docs_source: str = "data/sample/docs"
+    train_data: str = "data/sample/train"
+    qa_set: str = "data/sample/qa/heldout.jsonl"
+    default_alias: str = "harbour"
+
+    _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", mode="before")(_split_csv)
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        # Resolved once, so Airflow tasks and subprocesses with another cwd find the same state.
+        return value.expanduser().resolve()
+
+    # Derived locations: all under state_dir, so two copies with different state dirs never touch.
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files and logs of the processes `tandem up` starts."""
+        return self.state_dir / "run"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.state_dir / "adapters"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.state_dir / "airflow"
+
+    @property
+    def local_vllm_url(self) -> str:
+        return f"http://{self.host}:{self.vllm_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def vllm_endpoints(self) -> list[str]:
+        """The vLLM servers the gateway talks to: TANDEM_VLLM_URLS, or the local one `tandem up` starts."""
+        return [u.rstrip("/") for u in self.vllm_urls] or [self.local_vllm_url]
+
+    @property
+    def manages_vllm(self) -> bool:
+        """True when Tandem starts vLLM itself (no external TANDEM_VLLM_URLS)."""
+        return not self.vllm_urls
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests call ``get_settings.cache_clear()`` after changing env)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The local stack: the processes `tandem up` starts, watches and `tandem down` stops."""

