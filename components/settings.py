@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     qa_set: str = "data/sample/qa/heldout.jsonl"
     default_alias: str = "harbour"
 
+    # Gateway (serving/): prompt, limits, adapter reconciler, upstream timeouts
+    assistant_org: str = "Marrowdene Harbour Authority"
+    rag_top_k: int = 5
+    rag_candidates: int = 40
+    max_body_bytes: int = 1_048_576
+    max_messages: int = 64
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_top_k: int = 20
+    reconcile_interval_s: float = 5.0
+    upstream_timeout_s: float = 300.0
+    db_pool_size: int = 4
+
     _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", mode="before")(_split_csv)
 
     @field_validator("state_dir", mode="after")
