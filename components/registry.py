@@ -79,10 +79,18 @@ def register_candidate(
                             %s, %s, %s, %s, %s, %s, %s, 'candidate', %s)
                     RETURNING {_COLUMNS}""",
                 (
-                    alias, alias, base_model, dataset_version, dataset_size, Jsonb(hyperparameters), Jsonb(metrics),
-                    artifact_uri, lora_rank, champion.version if champion else None,
+                    alias,
+                    alias,
+                    base_model,
+                    dataset_version,
+                    dataset_size,
+                    Jsonb(hyperparameters),
+                    Jsonb(metrics),
+                    artifact_uri,
+                    lora_rank,
+                    champion.version if champion else None,
                 ),
-            )  # fmt: skip
+            )
             row = cur.fetchone()
     assert row is not None
     return row
@@ -120,9 +128,13 @@ def list_versions(conn: psycopg.Connection, alias: str | None = None) -> list[Ad
 
 
 def set_status(
-    conn: psycopg.Connection, alias: str, version: int, status: str, reason: str | None = None,
+    conn: psycopg.Connection,
+    alias: str,
+    version: int,
+    status: str,
+    reason: str | None = None,
     metrics: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Mark a version rejected/failed/candidate (not champion: use set_champion), merging metrics in."""
     if status not in STATUSES or status == "champion":
         raise ConfigError(f"status must be one of candidate, rejected, retired, failed (got {status!r})")

@@ -69,9 +69,9 @@ def migrate(settings: Settings | None = None, conn: psycopg.Connection | None = 
                        checksum text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = {
-                v: c for v, c in conn.execute("SELECT version, checksum FROM tandem_schema_migrations").fetchall()
-            }
+            done: dict[str, str] = dict(
+                conn.execute("SELECT version, checksum FROM tandem_schema_migrations").fetchall()
+            )
             for migration in load_migrations():
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:

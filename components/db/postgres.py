@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def _embedded_server(pgdata: Path) -> Any:
+    # pgserver's lock lives in the XDG runtime dir; without one it falls back to /tmp and warns each time.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
     except ImportError as exc:  # pragma: no cover - a packaging error, not a user one
@@ -60,7 +63,9 @@ def stop_embedded(settings: Settings | None = None) -> bool:
 
     # As root, pgserver runs the server as its own system user; pg_ctl must run as that user too.
     user = "pgserver" if os.geteuid() == 0 else None
-    pgserver.pg_ctl(["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user)
+    pgserver.pg_ctl(  # type: ignore[attr-defined]
+        ["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user
+    )
     return True
 
 
@@ -71,7 +76,9 @@ def connect(settings: Settings | None = None, *, autocommit: bool = False, vecto
         conn = psycopg.connect(url, autocommit=autocommit)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServiceError(f"cannot connect to Postgres ({first}); check TANDEM_DATABASE_URL or run `tandem up`") from exc
+        raise ServiceError(
+            f"cannot connect to Postgres ({first}); check TANDEM_DATABASE_URL or run `tandem up`"
+        ) from exc
     if vector:
         try:
             register_vector(conn)

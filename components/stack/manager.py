@@ -34,7 +34,9 @@ def status(settings: Settings, names: Iterable[str] | None = None) -> list[Compo
             continue
         missing = svc.missing(settings)
         if missing and (svc.managed(settings) or svc.name == "postgres"):
-            out.append(ComponentStatus(svc.name, "not installed", svc.url(settings), None, svc.managed(settings), missing))
+            out.append(
+                ComponentStatus(svc.name, "not installed", svc.url(settings), None, svc.managed(settings), missing)
+            )
             continue
         state = "up" if is_up(svc, settings) else "down"
         out.append(ComponentStatus(svc.name, state, svc.url(settings), pid_of(svc, settings), svc.managed(settings)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,7 +55,9 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def start(name: str, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> ProcessRecord:
+def start(
+    name: str, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> ProcessRecord:
     """Start ``cmd`` in its own session (so its children can be stopped together), logging to run_dir/NAME.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{name}.log"
@@ -98,10 +101,8 @@ def stop(run_dir: Path, name: str, timeout_s: float = 30.0) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -146,7 +147,9 @@ def wait_until(
         if check():
             return
         if record is not None and not is_alive(record):
-            raise ServiceError(f"{name} exited while starting: {last_log_line(record.log, 'error')} (log: {record.log})")
+            raise ServiceError(
+                f"{name} exited while starting: {last_log_line(record.log, 'error')} (log: {record.log})"
+            )
         time.sleep(interval_s)
     where = f" (log: {record.log})" if record else ""
     raise ServiceError(f"{name} was not healthy after {timeout_s:.0f} s{where}")

@@ -65,16 +65,25 @@ def vllm_command(settings: Settings) -> list[str]:
     from components.models import base_model_path
 
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", base_model_path(settings),
-        "--served-model-name", settings.served_model_name,
-        "--host", settings.host,
-        "--port", str(settings.vllm_port),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        base_model_path(settings),
+        "--served-model-name",
+        settings.served_model_name,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.vllm_port),
         "--enable-lora",
-        "--max-lora-rank", str(settings.max_lora_rank),
-        "--max-loras", str(settings.max_loras),
-        "--max-model-len", str(settings.vllm_max_model_len),
-    ]  # fmt: skip
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-model-len",
+        str(settings.vllm_max_model_len),
+    ]
     if vllm_flavour() == "cpu":
         cmd += ["--dtype", "bfloat16"]
     return cmd + shlex.split(settings.vllm_extra_args)
@@ -154,9 +163,17 @@ SERVICES: list[Service] = [
         port=lambda s: s.gateway_port,
         missing=_module_missing("serving.app", "the RAG gateway"),
         command=lambda s: [
-            sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory",
-            "--host", s.host, "--port", str(s.gateway_port), "--no-access-log",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "serving.app:create_app",
+            "--factory",
+            "--host",
+            s.host,
+            "--port",
+            str(s.gateway_port),
+            "--no-access-log",
+        ],
         startup_timeout=lambda s: 90.0,
     ),
     Service(
@@ -165,7 +182,15 @@ SERVICES: list[Service] = [
         health_url=lambda s: _http(s, s.gpu_exporter_port) + "/metrics",
         port=lambda s: s.gpu_exporter_port,
         missing=_module_missing("serving.gpu_exporter", "the GPU exporter"),
-        command=lambda s: [sys.executable, "-m", "serving.gpu_exporter", "--host", s.host, "--port", str(s.gpu_exporter_port)],
+        command=lambda s: [
+            sys.executable,
+            "-m",
+            "serving.gpu_exporter",
+            "--host",
+            s.host,
+            "--port",
+            str(s.gpu_exporter_port),
+        ],
         startup_timeout=lambda s: 30.0,
     ),
     Service(
