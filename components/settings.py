@@ -83,7 +83,34 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
 
-    _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", mode="before")(_split_csv)
+    # Training (components/training/): LoRA hyperparameters, when to retrain, the evaluation gate, artifacts
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    train_learning_rate: float = 2e-4
+    train_epochs: int = 3
+    train_max_steps: int = 0  # 0: no cap, epochs decide
+    train_max_seq_len: int = 512
+    train_batch_size: int = 8
+    train_early_stopping_patience: int = 2
+    train_heldout_fraction: float = 0.1  # of each alias's examples, for validation loss and again for the gate
+    train_seed: int = 0
+    domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
+    min_new_examples: int = 20
+    general_set: str = "data/sample/general/general_knowledge.jsonl"
+    gate_tolerance: float = 0.02  # main score may drop by at most this much
+    gate_general_tolerance: float = 0.05  # general-knowledge accuracy may drop by at most this much
+    gate_max_questions: int = 40  # per evaluation set
+    gate_max_tokens: int = 64
+    gate_concurrency: int = 8
+    adapter_store: str = ""  # folder or fsspec URL; empty: state_dir/adapters
+
+    _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", "lora_target_modules", mode="before")(
+        _split_csv
+    )
 
     @field_validator("state_dir", mode="after")
     @classmethod
@@ -108,6 +135,11 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.state_dir / "adapters"
+
+    @property
+    def adapter_store_url(self) -> str:
+        """Where trained adapters are kept: TANDEM_ADAPTER_STORE (folder or fsspec URL) or state_dir/adapters."""
+        return self.adapter_store.rstrip("/") or str(self.adapters_dir)
 
     @property
     def airflow_home(self) -> Path:
