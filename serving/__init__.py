@@ -1,0 +1,1 @@
+"""Tandem's online path: the OpenAI-compatible RAG gateway over vLLM, its adapters, metrics and GPU exporter."""

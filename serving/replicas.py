@@ -1,0 +1,82 @@
+"""The vLLM replicas behind the gateway: health, outstanding requests, and least-outstanding routing."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from serving import metrics as m
+
+
+@dataclass
+class Replica:
+    """One vLLM server as the gateway sees it."""
+
+    url: str
+    healthy: bool = False
+    outstanding: int = 0
+    loaded: set[str] = field(default_factory=set)  # adapter names vLLM listed (or we loaded) last
+    last_error: str | None = None
+
+    def mark(self, healthy: bool, error: str | None = None) -> None:
+        self.healthy = healthy
+        self.last_error = error
+        m.REPLICA_HEALTHY.labels(replica=self.url).set(1 if healthy else 0)
+
+    def set_loaded(self, names: Iterable[str]) -> None:
+        self.loaded = set(names)
+        m.REPLICA_ADAPTERS.labels(replica=self.url).set(len(self.loaded))
+
+
+class NoReplicaError(Exception):
+    """No healthy replica can serve the request."""
+
+
+class ReplicaPool:
+    """Picks the healthy replica with the fewest outstanding requests (ties go round-robin)."""
+
+    def __init__(self, urls: Iterable[str]) -> None:
+        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        if not self.replicas:
+            raise ValueError("at least one vLLM URL is needed (TANDEM_VLLM_URLS)")
+        self._tiebreak = itertools.count()
+        for r in self.replicas:
+            m.REPLICA_HEALTHY.labels(replica=r.url).set(0)
+            m.REPLICA_OUTSTANDING.labels(replica=r.url).set(0)
+
+    @property
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def pick(self, adapter: str | None = None, exclude: Iterable[Replica] = ()) -> Replica:
+        """The least-loaded healthy replica (holding ``adapter`` when one is named).
+
+        Synchronous on purpose: callers pick and ``track`` without an ``await`` in between, so two
+        concurrent requests always see each other's outstanding counts.
+        """
+        skip = {id(r) for r in exclude}
+        candidates = [r for r in self.replicas if r.healthy and id(r) not in skip]
+        if adapter is not None:
+            candidates = [r for r in candidates if adapter in r.loaded]
+        if not candidates:
+            raise NoReplicaError(adapter or "base model")
+        turn = next(self._tiebreak)
+        n = len(candidates)
+        # Rotate before min() so equal counts spread over replicas instead of always hitting the first.
+        return min((candidates[(i + turn) % n] for i in range(n)), key=lambda r: r.outstanding)
+
+    def holding(self, adapter: str) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy and adapter in r.loaded]
+
+    @contextmanager
+    def track(self, replica: Replica) -> Iterator[Replica]:
+        """Count a request as outstanding on ``replica`` for the duration of the block."""
+        replica.outstanding += 1
+        m.REPLICA_OUTSTANDING.labels(replica=replica.url).set(replica.outstanding)
+        try:
+            yield replica
+        finally:
+            replica.outstanding -= 1
+            m.REPLICA_OUTSTANDING.labels(replica=replica.url).set(replica.outstanding)

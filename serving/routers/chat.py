@@ -1,0 +1,176 @@
+"""POST /v1/chat/completions: retrieve, build the numbered-sources prompt, generate, answer with citations."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from components.prompting import build_rag_messages, citations_for
+from serving import metrics as m
+from serving.adapters import Route
+from serving.deps import Gateway, GatewayDep
+from serving.errors import ApiError, error_body
+from serving.schemas import ChatCompletionRequest
+from serving.security import require_api_key
+from serving.upstream import Upstream, open_chat
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
+FALLBACK_HEADER = "x-tandem-fallback"
+_TANDEM_FIELDS = {"rag", "top_k", "filters"}
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message (text parts joined), or '' when there is none."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+            return ""
+    return ""
+
+
+def check_limits(req: ChatCompletionRequest, gw: Gateway) -> None:
+    s = gw.settings
+    if len(req.messages) > s.max_messages:
+        raise ApiError(400, f"messages: at most {s.max_messages} messages (got {len(req.messages)})", param="messages")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name)
+        if value is not None and value > s.max_tokens_limit:
+            raise ApiError(400, f"{name}: at most {s.max_tokens_limit} (got {value})", param=name)
+    if req.top_k is not None and req.top_k > s.max_top_k:
+        raise ApiError(400, f"top_k: at most {s.max_top_k} (got {req.top_k})", param="top_k")
+
+
+def _tandem_info(route: Route, rag: bool) -> dict[str, Any]:
+    return {
+        "alias": route.alias,
+        "adapter_version": route.adapter_version,
+        "served_model": route.served_model,
+        "rag": rag,
+        "fallback": route.fallback,
+    }
+
+
+def _record_usage(route: Route, usage: dict[str, Any] | None) -> None:
+    if not usage:
+        return
+    labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
+    m.PROMPT_TOKENS.labels(**labels).inc(int(usage.get("prompt_tokens") or 0))
+    m.COMPLETION_TOKENS.labels(**labels).inc(int(usage.get("completion_tokens") or 0))
+
+
+async def _relay_error(up: Upstream) -> Response:
+    body = await up.response.aread()
+    status = up.response.status_code
+    await up.close()
+    if status < 500:
+        return Response(body, status_code=status, media_type="application/json")
+    m.UPSTREAM_ERRORS.labels(replica=up.replica.url, kind="status").inc()
+    detail = " ".join(body.decode(errors="replace").split())[:200]
+    return JSONResponse(error_body(502, f"vLLM answered {status}: {detail}", code="upstream_error"), status_code=502)
+
+
+@router.post("/v1/chat/completions", summary="OpenAI chat completions, grounded in retrieved documents")
+async def chat_completions(req: ChatCompletionRequest, request: Request, gw: GatewayDep) -> Response:
+    check_limits(req, gw)
+    gw.adapters.resolve(req.model)  # unknown model: 404 before any retrieval work
+    request.state.alias = req.model
+    messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
+    query = last_user_text(messages) if req.rag else ""
+    chunks: list[Any] = []
+    if query.strip():
+        chunks = await gw.retriever.search(query, req.top_k or gw.settings.rag_top_k, req.filters)
+        messages = build_rag_messages(messages, chunks, gw.settings.assistant_org)
+    rag = bool(query.strip())
+    citations = citations_for(chunks)
+
+    body = req.model_dump(exclude=_TANDEM_FIELDS, exclude_none=True)
+    body["messages"] = messages
+    if req.max_tokens is None and req.max_completion_tokens is None:
+        body["max_tokens"] = min(gw.settings.default_max_tokens, gw.settings.max_tokens_limit)
+    wants_usage = bool((req.stream_options or {}).get("include_usage"))
+    if req.stream:
+        body["stream_options"] = {**(req.stream_options or {}), "include_usage": True}
+
+    started = time.perf_counter()
+    up = await open_chat(gw.http, gw.pool, gw.adapters, req.model, body)
+    route = up.route
+    request.state.alias = route.alias or ""
+    request.state.adapter_version = route.adapter_version
+    headers = {FALLBACK_HEADER: "base-model"} if route.fallback else {}
+    if up.response.status_code >= 400:
+        return await _relay_error(up)
+    info = _tandem_info(route, rag)
+    labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
+    if not req.stream:
+        try:
+            raw = await up.response.aread()
+        except httpx.HTTPError as exc:
+            m.UPSTREAM_ERRORS.labels(replica=up.replica.url, kind="read").inc()
+            raise ApiError(502, f"vLLM at {up.replica.url} broke off the answer", code="upstream_error") from exc
+        finally:
+            await up.close()
+        m.GENERATE_LATENCY.labels(**labels, stream="no").observe(time.perf_counter() - started)
+        payload = json.loads(raw)
+        _record_usage(route, payload.get("usage"))
+        payload["citations"] = citations
+        payload["tandem"] = info
+        return JSONResponse(payload, headers=headers)
+    return StreamingResponse(
+        _stream(up, citations, info, wants_usage, started),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(
+    up: Upstream, citations: list[dict[str, Any]], info: dict[str, Any], wants_usage: bool, started: float
+) -> AsyncIterator[str]:
+    """vLLM's chunks as they come, then the citations event, then [DONE]."""
+    route = up.route
+    labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
+    first = True
+    last: dict[str, Any] = {}
+    try:
+        async for line in up.response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            last = chunk
+            if chunk.get("usage") and not chunk.get("choices"):
+                _record_usage(route, chunk["usage"])
+                if not wants_usage:
+                    continue
+            if first:
+                m.TIME_TO_FIRST_TOKEN.labels(**labels).observe(time.perf_counter() - started)
+                first = False
+            yield f"data: {data}\n\n"
+        final = {
+            "id": last.get("id", ""),
+            "object": "tandem.citations",
+            "created": last.get("created", int(time.time())),
+            "model": last.get("model", route.served_model),
+            "choices": [],
+            "citations": citations,
+            "tandem": info,
+        }
+        yield f"data: {json.dumps(final)}\n\n"
+    except (httpx.HTTPError, ValueError) as exc:
+        m.UPSTREAM_ERRORS.labels(replica=up.replica.url, kind="stream").inc()
+        yield f"data: {json.dumps(error_body(502, f'vLLM stream broke off: {type(exc).__name__}'))}\n\n"
+    finally:
+        await up.close()
+        m.GENERATE_LATENCY.labels(**labels, stream="yes").observe(time.perf_counter() - started)
+    yield "data: [DONE]\n\n"
