@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
 
+    # Evaluation (`tandem eval`, DAG evaluate_hybrid): RAG vs fine-tune vs hybrid through the gateway
+    eval_max_tokens: int = 48
+    eval_concurrency: int = 2
+    eval_request_timeout_s: float = 180.0
+
     # Training (components/training/): LoRA hyperparameters, when to retrain, the evaluation gate, artifacts
     lora_r: int = 16
     lora_alpha: int = 32

@@ -4,7 +4,7 @@ A custom collector, so the numbers always match the database (no state kept in t
 restart loses nothing. Register it once on the gateway's registry::
 
     from serving.eval_metrics import EvalScoresCollector
-    REGISTRY.register(EvalScoresCollector(settings))
+    REGISTRY.register(EvalScoresCollector(settings, pool=db.pool))  # pool optional: psycopg_pool.ConnectionPool
 
 Series (latest run of each alias; arms ``base``, ``base_rag``, ``adapter``, ``adapter_rag``; arms not run,
 such as adapter arms of an alias with no champion, export no sample):
@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from components.settings import Settings
+
+if TYPE_CHECKING:
+    from components.evaluation.store import StoredScore
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +54,24 @@ ARM_GAUGES = (
 class EvalScoresCollector(Collector):
     """Exports the latest stored evaluation of each alias; one short query per scrape."""
 
-    def __init__(self, settings: Settings, prefix: str = "tandem_eval") -> None:
+    def __init__(self, settings: Settings, pool: Any = None, prefix: str = "tandem_eval") -> None:
         self.settings = settings
+        self.pool = pool  # a psycopg_pool.ConnectionPool to borrow from; without one, a short connection per scrape
         self.prefix = prefix
+        self._url: str | None = None
+
+    def _read(self) -> list[StoredScore]:
+        from components.evaluation.store import latest_scores
+
+        if self.pool is not None:
+            with self.pool.connection() as conn:
+                return latest_scores(conn)
+        if self._url is None:
+            from components.db import database_url
+
+            self._url = database_url(self.settings)
+        with psycopg.connect(self._url, autocommit=True, connect_timeout=3) as conn:
+            return latest_scores(conn)
 
     def _families(self) -> dict[str, GaugeMetricFamily]:
         p = self.prefix
@@ -78,13 +98,9 @@ class EvalScoresCollector(Collector):
         yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", "")
 
     def collect(self) -> Iterator[Metric]:
-        from components.db import connect
-        from components.evaluation.store import latest_scores
-
         fams = self._families()
         try:
-            with connect(self.settings, autocommit=True) as conn:
-                scores = latest_scores(conn)
+            scores = self._read()
         except Exception as exc:  # a scrape must not fail because the database is away: report it instead
             log.warning("evaluation scores unavailable: %s", exc)
             yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", "1 when the scores could be read from Postgres.", 0)

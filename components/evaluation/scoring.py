@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -48,3 +49,54 @@ def reciprocal_rank(ranked_sources: Sequence[str], expected_source: str) -> floa
         if source == expected_source:
             return 1.0 / rank
     return 0.0
+
+
+def source_matches(document_path: str, expected_source: str) -> bool:
+    """True when a cited document path names the expected source file.
+
+    Paths are compared relative to the documents root; a path stored with a prefix (an absolute path or the
+    source folder) still matches when it ends with the expected relative path on a path boundary.
+    """
+    got = document_path.replace("\\", "/").strip().removeprefix("./")
+    want = expected_source.replace("\\", "/").strip().removeprefix("./")
+    if not got or not want:
+        return False
+    return got == want or got.endswith("/" + want) or want.endswith("/" + got)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError("percentile q must be within 0..100")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default); honest on small samples and at 0 or 1."""
+    if total <= 0:
+        return (0.0, 0.0)
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
+    """Two-sided exact McNemar test on paired outcomes (same questions, two arms): the chance that a gap at
+    least this large between the discordant counts appears when the arms are in truth equally accurate."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError("paired outcomes differ in length")
+    only_a = sum(1 for a, b in zip(a_correct, b_correct, strict=True) if a and not b)
+    only_b = sum(1 for a, b in zip(a_correct, b_correct, strict=True) if b and not a)
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
