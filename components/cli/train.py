@@ -1,0 +1,136 @@
+"""`tandem train`, `tandem adapters`, `tandem promote`, `tandem rollback`: the fine-tuning half from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from components.cli._output import add_json_flag, print_json, show_progress, table
+from components.settings import get_settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a LoRA adapter on new domain data, gate it and promote it")
+    p.add_argument("--alias", help="adapter alias (default: settings.default_alias)")
+    p.add_argument("--data", help="JSONL file, folder or fsspec URL (default: the alias's domain data)")
+    p.add_argument("--force", action="store_true", help="train even without enough new examples")
+    p.add_argument("--max-steps", type=int, help="cap the optimizer steps (default: settings.train_max_steps)")
+    p.add_argument("--sweep-lr", type=float, nargs="+", metavar="LR", help="train once per learning rate")
+    p.add_argument("--sweep-rank", type=int, nargs="+", metavar="R", help="train once per LoRA rank")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_train)
+
+    a = subparsers.add_parser("adapters", help="list adapter versions in the registry with status and scores")
+    a.add_argument("--alias", help="only this alias")
+    add_json_flag(a)
+    a.set_defaults(func=cmd_adapters)
+
+    pr = subparsers.add_parser("promote", help="make an adapter version its alias's champion (hot-swapped)")
+    pr.add_argument("alias")
+    pr.add_argument("version", type=int)
+    add_json_flag(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    rb = subparsers.add_parser("rollback", help="return an alias to its previous champion")
+    rb.add_argument("alias")
+    add_json_flag(rb)
+    rb.set_defaults(func=cmd_rollback)
+
+
+def _progress_printer() -> Any:
+    def show(event: dict[str, Any]) -> None:
+        if event.get("eval_loss") is not None:
+            line = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}  val_loss {event['eval_loss']:.4f}"
+        else:
+            line = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}  loss {event['loss']:.4f}"
+        print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from components.training.pipeline import retrain, sweep_points
+
+    settings = get_settings()
+    alias = args.alias or settings.default_alias
+    sweep = sweep_points(args.sweep_lr, args.sweep_rank)
+    if args.max_steps is not None:
+        sweep = [{**point, "max_steps": args.max_steps} for point in sweep]
+    progress = _progress_printer() if show_progress(args.json) else None
+    if not args.json:
+        print(f"checking new data for {alias}...", file=sys.stderr, flush=True)
+    result = retrain(settings, alias, args.data, args.force, sweep, progress)
+    if args.json:
+        print_json(result)
+        return 0
+    check = result["check"]
+    print(
+        f"data: {check['examples']} examples ({check['new_examples']} new, {check['duplicates']} duplicates, "
+        f"{check['bad_lines']} bad lines), dataset {check['dataset_version']}"
+    )
+    for problem in check["problems"][:5]:
+        print(f"  skipped {problem}")
+    if not result["trained"]:
+        print(f"nothing to do: {check['reason']} (use --force to train anyway)")
+        return 0
+    t = result["training"]
+    print(
+        f"trained {result['candidate']['served_name']}: {t['global_step']} steps, val_loss {t['best_val_loss']}, "
+        f"{t['tokens_per_s']} tokens/s on {t['device']}"
+    )
+    gate = result["gate"]
+    print(f"gate vs {gate['baseline_model']}: candidate {gate['candidate']}  baseline {gate['baseline']}")
+    if result["promoted"]:
+        print(f"promoted {result['served_name']} via {result['via']}: {result['reason']}")
+    else:
+        print(f"rejected: {result['reason']}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from components import registry
+    from components.db import connect
+
+    with connect(get_settings()) as conn:
+        versions = registry.list_versions(conn, args.alias)
+    if args.json:
+        print_json([{**v.__dict__, "served_name": v.served_name} for v in versions])
+        return 0
+    rows = []
+    for v in versions:
+        gate = v.metrics.get("gate", {}).get("candidate", {})
+        val = v.metrics.get("training", {}).get("best_val_loss")
+        rows.append(
+            [
+                v.alias,
+                v.version,
+                v.status,
+                v.lora_rank,
+                v.dataset_version[:10],
+                v.dataset_size,
+                f"{val:.3f}" if isinstance(val, int | float) else "",
+                gate.get("main", ""),
+                v.created_at.strftime("%Y-%m-%d %H:%M"),
+                (v.reason or "")[:60],
+            ]
+        )
+    header = ["alias", "version", "status", "rank", "dataset", "size", "val_loss", "main", "created", "reason"]
+    print(table(rows, header) if rows else "no adapters yet: run `tandem train`")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from components.training.promotion import promote
+
+    result = promote(get_settings(), args.alias, args.version, reason="promoted by hand")
+    print_json(result.as_dict()) if args.json else print(f"{result.served_name} is champion ({result.note})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from components.training.promotion import rollback
+
+    result = rollback(get_settings(), args.alias)
+    print_json(result.as_dict()) if args.json else print(f"rolled back to {result.served_name} ({result.note})")
+    return 0

@@ -1,0 +1,1 @@
+"""Fine-tuning: domain data, LoRA training, the evaluation gate, artifacts and promotion (see pipeline.py)."""

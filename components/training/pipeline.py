@@ -1,0 +1,262 @@
+"""The retraining pipeline as plain functions over JSON-able dicts: the DAG's tasks and `tandem train` run these.
+
+check_new_data -> train_candidate (once, or once per sweep point) -> pick_best -> register_candidate
+-> evaluate_gate -> promote_or_reject.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components import registry
+from components.db import connect
+from components.errors import ConfigError
+from components.settings import Settings
+from components.training import artifacts
+from components.training.data import Dataset, data_location, load_dataset, split_dataset
+from components.training.gate import GateResult, build_question_sets, decide, make_retriever, score_model
+from components.training.lora import ProgressFn, TrainConfig, train_adapter
+from components.training.promotion import promote
+from components.training.vllm_client import VllmClient
+
+
+def _load(settings: Settings, alias: str, data: str | None) -> Dataset:
+    return load_dataset(data or data_location(settings, alias))
+
+
+def check_new_data(settings: Settings, alias: str, data: str | None = None, force: bool = False) -> dict[str, Any]:
+    """How many examples are new beyond the champion's dataset, and whether that is enough to train."""
+    ds = _load(settings, alias, data)
+    with connect(settings) as conn:
+        champion = registry.get_champion(conn, alias)
+    if champion is None:
+        new = len(ds.examples)
+    else:
+        manifest = artifacts.read_manifest(champion.artifact_uri)
+        if manifest is not None:
+            new = len(ds.digests - set(manifest.get("digests", [])))
+        else:  # an adapter registered without a manifest: only its dataset version is known
+            new = 0 if champion.dataset_version == ds.version else len(ds.examples)
+    enough = new >= settings.min_new_examples
+    if force:
+        reason = f"forced ({new} new examples)"
+    elif enough:
+        reason = f"{new} new examples (at least {settings.min_new_examples} needed)"
+    else:
+        reason = f"only {new} new examples beyond the champion's dataset; {settings.min_new_examples} needed"
+    return {
+        "alias": alias,
+        "data": ds.location,
+        "dataset_version": ds.version,
+        "examples": len(ds.examples),
+        "duplicates": ds.duplicates,
+        "bad_lines": len(ds.problems),
+        "problems": ds.problems[:20],
+        "new_examples": new,
+        "champion_version": champion.version if champion else None,
+        "should_train": force or enough,
+        "reason": reason,
+    }
+
+
+def sweep_points(learning_rates: list[float] | None = None, ranks: list[int] | None = None) -> list[dict[str, Any]]:
+    """The training overrides of a sweep: every combination of the given learning rates and ranks."""
+    lrs: list[float | None] = list(learning_rates or []) or [None]
+    rs: list[int | None] = list(ranks or []) or [None]
+    points = []
+    for lr, r in itertools.product(lrs, rs):
+        point: dict[str, Any] = {}
+        if lr is not None:
+            point["learning_rate"] = float(lr)
+        if r is not None:
+            point["r"] = int(r)
+            point["alpha"] = 2 * int(r)
+        points.append(point)
+    return points
+
+
+def run_dir(settings: Settings, alias: str, run_id: str) -> Path:
+    return settings.state_dir / "training" / alias / run_id
+
+
+def train_candidate(
+    settings: Settings,
+    alias: str,
+    data: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    callbacks: tuple[Any, ...] = (),
+) -> dict[str, Any]:
+    """Train one adapter; its run folder is named by dataset version and config, so a rerun resumes it."""
+    from components.models import base_model_path
+
+    ds = _load(settings, alias, data)
+    split = split_dataset(ds.examples, settings.train_heldout_fraction)
+    config = TrainConfig.from_settings(settings, **(overrides or {}))
+    run_id = f"{ds.version}-{config.fingerprint()}"
+    folder = run_dir(settings, alias, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = train_adapter(
+        base_model_path(settings),
+        [e.as_messages() for e in split.train],
+        [e.as_messages() for e in split.validation],
+        config,
+        folder,
+        progress=progress,
+        callbacks=callbacks,
+    )
+    manifest = {
+        "dataset_version": ds.version,
+        "location": ds.location,
+        "digests": sorted(ds.digests),
+        "test_digests": sorted(e.digest for e in split.test),
+    }
+    Path(result.adapter_dir, artifacts.MANIFEST).write_text(json.dumps(manifest))
+    return {
+        **asdict(result),
+        "run_id": run_id,
+        "alias": alias,
+        "data": ds.location,
+        "dataset_version": ds.version,
+        "dataset_size": len(ds.examples),
+        "n_test": len(split.test),
+    }
+
+
+def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep point with the lowest validation loss (the first one when none has a validation loss)."""
+    if not results:
+        raise ConfigError("no training run finished: nothing to pick from")
+
+    def key(r: dict[str, Any]) -> float:
+        loss = r.get("best_val_loss")
+        return math.inf if loss is None or math.isnan(loss) else float(loss)
+
+    best = dict(sorted(results, key=key)[0])
+    best["sweep"] = [
+        {"config": r["config"], "best_val_loss": r.get("best_val_loss"), "run_id": r["run_id"]} for r in results
+    ]
+    return best
+
+
+def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str, Any]:
+    """Publish the adapter to the store and record it as a candidate; returns its version and location."""
+    from components.models import base_model_path
+
+    alias = trained["alias"]
+    uri = artifacts.artifact_uri(settings, alias, trained["run_id"])
+    artifacts.publish(Path(trained["adapter_dir"]), uri)
+    metrics = {
+        "training": {
+            k: trained.get(k)
+            for k in (
+                "best_val_loss",
+                "val_losses",
+                "train_loss",
+                "global_step",
+                "epochs_done",
+                "stopped_early",
+                "train_tokens",
+                "tokens_per_s",
+                "seconds",
+                "device",
+                "n_train",
+                "n_validation",
+                "n_test",
+                "truncated",
+            )
+        }
+    }
+    hyper = {**trained["config"], "sweep": trained.get("sweep", [])}
+    with connect(settings) as conn:
+        version = registry.register_candidate(
+            conn,
+            alias=alias,
+            base_model=settings.base_model or base_model_path(settings),
+            dataset_version=trained["dataset_version"],
+            dataset_size=trained["dataset_size"],
+            hyperparameters=hyper,
+            metrics=metrics,
+            artifact_uri=uri,
+            lora_rank=trained["lora_rank"],
+        )
+    return {"alias": alias, "version": version.version, "served_name": version.served_name, "artifact_uri": uri}
+
+
+def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None = None) -> dict[str, Any]:
+    """Score the candidate and the champion (or base model) the same way through vLLM and decide.
+
+    The rank is checked first: a too-large adapter is rejected without being sent to vLLM. A rejected
+    candidate is unloaded again; the verdict and both score sheets are recorded in the registry.
+    """
+    ds = _load(settings, alias, data)
+    split = split_dataset(ds.examples, settings.train_heldout_fraction)
+    with connect(settings) as conn:
+        cand = registry.get_version(conn, alias, version)
+        champion = registry.get_champion(conn, alias)
+        if cand.lora_rank > settings.max_lora_rank:
+            result = GateResult(False, [f"LoRA rank {cand.lora_rank} exceeds max_lora_rank {settings.max_lora_rank}"])
+            _record(conn, alias, version, result)
+            return result.as_dict()
+        sets, notes = build_question_sets(settings, split.test, make_retriever(settings, conn))
+    with VllmClient(settings.vllm_endpoints[0]) as client:
+        client.load_adapter(cand.served_name, artifacts.local_path(settings, cand.artifact_uri))
+        if champion is not None and champion.version != version:
+            client.load_adapter(champion.served_name, artifacts.local_path(settings, champion.artifact_uri))
+            baseline_model = champion.served_name
+        else:
+            baseline_model = settings.served_model_name
+        args = (sets, settings.gate_max_tokens, settings.gate_concurrency)
+        cand_scores, _ = score_model(client, cand.served_name, *args)
+        base_scores, _ = score_model(client, baseline_model, *args)
+        ok, reasons = decide(cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance)
+        result = GateResult(
+            ok, reasons, cand_scores, base_scores, baseline_model, {k: len(v) for k, v in sets.items()}, notes
+        )
+        if not ok:
+            client.unload_adapter(cand.served_name)
+    with connect(settings) as conn:
+        _record(conn, alias, version, result)
+    return result.as_dict()
+
+
+def _record(conn: Any, alias: str, version: int, result: GateResult) -> None:
+    metrics = {"gate": result.as_dict()}
+    if result.promote:
+        registry.set_status(conn, alias, version, "candidate", reason="passed the gate", metrics=metrics)
+    else:
+        registry.set_status(conn, alias, version, "rejected", reason="; ".join(result.reasons), metrics=metrics)
+    conn.commit()
+
+
+def promote_or_reject(settings: Settings, alias: str, version: int, gate: dict[str, Any]) -> dict[str, Any]:
+    """Promote a candidate that passed the gate (through the gateway when it is up); report either way."""
+    if not gate.get("promote"):
+        return {"alias": alias, "version": version, "promoted": False, "reason": "; ".join(gate.get("reasons", []))}
+    done = promote(settings, alias, version, reason="; ".join(gate.get("reasons", [])))
+    return {**done.as_dict(), "promoted": True, "reason": "; ".join(gate.get("reasons", []))}
+
+
+def retrain(
+    settings: Settings,
+    alias: str,
+    data: str | None = None,
+    force: bool = False,
+    sweep: list[dict[str, Any]] | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline in one process (what `tandem train` runs); same functions as the DAG's tasks."""
+    check = check_new_data(settings, alias, data, force)
+    if not check["should_train"]:
+        return {"check": check, "trained": False}
+    runs = [train_candidate(settings, alias, data, point, progress) for point in (sweep or [{}])]
+    best = pick_best(runs)
+    candidate = register_candidate(settings, best)
+    gate = evaluate_gate(settings, alias, candidate["version"], data)
+    outcome = promote_or_reject(settings, alias, candidate["version"], gate)
+    return {"check": check, "trained": True, "candidate": candidate, "training": best, "gate": gate, **outcome}

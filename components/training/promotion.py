@@ -1,0 +1,101 @@
+"""Promotion and rollback: through the gateway's hot-swap when it is up, else straight into the registry.
+
+The gateway (serving/) loads the new champion into every vLLM replica before it switches the alias, then
+records it in the registry. When the gateway is not running, the registry is updated here and the gateway's
+reconciler loads the champions from it when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from components import registry
+from components.db import connect
+from components.errors import ConfigError, ServiceError
+from components.settings import Settings
+
+
+@dataclass
+class PromotionResult:
+    alias: str
+    version: int
+    served_name: str
+    via: str  # "gateway" or "registry"
+    note: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_rank(settings: Settings, version: registry.AdapterVersion) -> None:
+    """Refuse an adapter whose rank vLLM would refuse (--max-lora-rank), before anything changes."""
+    if version.lora_rank > settings.max_lora_rank:
+        raise ConfigError(
+            f"adapter {version.alias} v{version.version} has LoRA rank {version.lora_rank}, above the servers' "
+            f"max_lora_rank {settings.max_lora_rank}; retrain with a smaller lora_r or raise TANDEM_MAX_LORA_RANK"
+        )
+
+
+def _gateway(settings: Settings, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """POST to the gateway's admin API; None when the gateway is not running."""
+    headers = {"Authorization": f"Bearer {settings.admin_api_keys[0]}"} if settings.admin_api_keys else {}
+    try:
+        resp = httpx.post(f"{settings.gateway_url}{path}", json=body, headers=headers, timeout=120.0)
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        return None
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail") or resp.json().get("error") or resp.text
+        except ValueError:
+            detail = resp.text
+        raise ServiceError(f"the gateway refused {path} ({resp.status_code}): {str(detail)[:300]}")
+    data: dict[str, Any] = resp.json() if resp.content else {}
+    return data
+
+
+def promote(settings: Settings, alias: str, version: int, reason: str | None = None) -> PromotionResult:
+    """Make ``alias`` v``version`` the champion (rank checked first)."""
+    with connect(settings) as conn:
+        target = registry.get_version(conn, alias, version)
+        check_rank(settings, target)
+        if target.status == "champion":
+            return PromotionResult(alias, version, target.served_name, "none", "already the champion")
+    if _gateway(settings, "/v1/admin/adapters/promote", {"alias": alias, "version": version}) is not None:
+        if reason:
+            with connect(settings) as conn:
+                conn.execute(
+                    "UPDATE adapter_versions SET reason = %s WHERE alias = %s AND version = %s",
+                    (reason, alias, version),
+                )
+                conn.commit()
+        return PromotionResult(alias, version, target.served_name, "gateway", "hot-swapped by the gateway")
+    with connect(settings) as conn:
+        registry.set_champion(conn, alias, version, reason=reason)
+    return PromotionResult(
+        alias,
+        version,
+        target.served_name,
+        "registry",
+        f"gateway at {settings.gateway_url} not running: registry updated; it loads the champion when it starts",
+    )
+
+
+def rollback(settings: Settings, alias: str) -> PromotionResult:
+    """Return ``alias`` to its previous champion."""
+    with connect(settings) as conn:
+        target = registry.rollback_target(conn, alias)
+        check_rank(settings, target)
+    if _gateway(settings, "/v1/admin/adapters/rollback", {"alias": alias}) is not None:
+        return PromotionResult(alias, target.version, target.served_name, "gateway", "rolled back by the gateway")
+    with connect(settings) as conn:
+        registry.set_champion(conn, alias, target.version, reason="rollback")
+    return PromotionResult(
+        alias,
+        target.version,
+        target.served_name,
+        "registry",
+        f"gateway at {settings.gateway_url} not running: registry updated; it loads the champion when it starts",
+    )

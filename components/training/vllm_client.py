@@ -1,0 +1,65 @@
+"""The few vLLM calls training needs: list, load and unload LoRA adapters at run time, and ask for an answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from components.errors import ServiceError
+
+
+class VllmClient:
+    """A thin client for one vLLM server (OpenAI-compatible API with runtime LoRA updating enabled)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> VllmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return self.http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"vLLM at {self.base_url} is not reachable ({exc}); start it with `tandem up`") from exc
+
+    def models(self) -> set[str]:
+        try:
+            resp = self.http.get("/v1/models")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"vLLM at {self.base_url} is not reachable ({exc}); start it with `tandem up`") from exc
+        return {m["id"] for m in resp.json().get("data", [])}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under ``name`` unless it is already there."""
+        if name in self.models():
+            return
+        resp = self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        if resp.status_code >= 400:
+            raise ServiceError(f"vLLM refused adapter {name} from {path}: {resp.status_code} {resp.text[:300]}")
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.models():
+            return
+        resp = self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        if resp.status_code >= 400:
+            raise ServiceError(f"vLLM could not unload adapter {name}: {resp.status_code} {resp.text[:300]}")
+
+    def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        """A deterministic answer (temperature 0)."""
+        resp = self._post(
+            "/v1/chat/completions",
+            {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens},
+        )
+        if resp.status_code >= 400:
+            raise ServiceError(f"vLLM answered {resp.status_code} for model {model}: {resp.text[:300]}")
+        return str(resp.json()["choices"][0]["message"]["content"] or "")
