@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -76,3 +77,107 @@ def build_report(with_adapter: bool = True) -> EvalReport:
 @pytest.fixture
 def fixed_report() -> EvalReport:
     return build_report()
+
+
+# The real stack: vLLM (root conftest), Postgres, a few sample documents indexed, one real peft adapter as the
+# champion of EVAL_ALIAS, and the gateway served in-process by uvicorn on the session's TANDEM_GATEWAY_PORT.
+EVAL_ALIAS = "evaltest"
+STACK_QUESTIONS = 3  # the first questions of the sample QA set; their source documents are indexed below
+
+
+@pytest.fixture(scope="session")
+def eval_index(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The source documents of the first sample questions, indexed by the real ingestion pipeline."""
+    import shutil
+
+    from components.evaluation.qa import load_qa
+    from components.evaluation.run import resolve_qa_path
+    from components.ingest.sync import sync_documents
+    from components.settings import get_settings
+
+    settings = get_settings()
+    docs_root = resolve_qa_path(settings, None).parents[1] / "docs"
+    folder = tmp_path_factory.mktemp("evaldocs")
+    for item in load_qa(resolve_qa_path(settings, None), limit=STACK_QUESTIONS):
+        (folder / item.source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(docs_root / item.source, folder / item.source)
+    sync_documents(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def eval_adapter(base_model_dir: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """A real (untrained) peft LoRA adapter registered and made champion of EVAL_ALIAS; returns its version."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from components import registry
+    from components.db import connect
+
+    folder = tmp_path_factory.mktemp("evaladapter") / "v1"
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, torch_dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    with connect() as conn:
+        version = registry.register_candidate(
+            conn,
+            alias=EVAL_ALIAS,
+            base_model="smollm2-135m",
+            dataset_version="evaltest",
+            dataset_size=1,
+            hyperparameters={"r": 4},
+            metrics={},
+            artifact_uri=str(folder),
+            lora_rank=4,
+        )
+        registry.set_champion(conn, EVAL_ALIAS, version.version)
+        conn.commit()
+    return version.version
+
+
+@pytest.fixture(scope="session")
+def eval_gateway(vllm_server: str, eval_index: str, eval_adapter: int) -> Iterator[str]:
+    """The gateway (serving.app) on the session's gateway port, once the adapter is loaded into vLLM."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from components.settings import get_settings
+    from serving.app import create_app
+
+    get_settings.cache_clear()
+    settings = get_settings().model_copy(update={"reconcile_interval_s": 1.0})
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.gateway_port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="eval-gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while True:  # wait for a state (adapter loaded), never assert on time
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not come up with the eval adapter"
+        if server.started:
+            models = httpx.get(settings.gateway_url + "/v1/models", timeout=10).json()["data"]
+            entry = next((m for m in models if m["id"] == EVAL_ALIAS), None)
+            if entry and not entry.get("tandem", {}).get("fallback", True):
+                break
+        time.sleep(0.5)
+    try:
+        yield settings.gateway_url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Airflow's metadata database (SQLite under the session's AIRFLOW_HOME), migrated once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if (Path(os.environ["AIRFLOW_HOME"]) / "airflow.db").exists():
+        return
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, timeout=300)
