@@ -1,0 +1,148 @@
+// Tandem playground: ask the gateway (POST /v1/chat/completions) and show the answer with its citations.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const keyStore = "tandem-api-key";
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    return (body.error && body.error.message) || body.detail || resp.statusText;
+  } catch (_) {
+    return resp.statusText;
+  }
+}
+
+async function loadModels() {
+  const resp = await fetch("/v1/models", { headers: headers() });
+  if (!resp.ok) {
+    setStatus("Could not list models: " + (await errorText(resp)), true);
+    return;
+  }
+  const select = $("model");
+  select.replaceChildren();
+  const models = (await resp.json()).data;
+  for (const m of models) {
+    const opt = document.createElement("option");
+    opt.value = m.id;
+    const t = m.tandem;
+    opt.textContent = t ? `${m.id} (adapter v${t.adapter_version ?? "-"})` : `${m.id} (base model)`;
+    select.append(opt);
+  }
+  // Prefer an alias (a fine-tuned adapter) over the bare base model when one exists.
+  const alias = models.find((m) => m.tandem);
+  if (alias) select.value = alias.id;
+}
+
+// The answer as text, with [n] markers turned into links to citation n.
+function renderAnswer(text, count) {
+  const box = $("answer");
+  box.replaceChildren();
+  const parts = text.split(/(\[\d+\])/);
+  for (const part of parts) {
+    const m = /^\[(\d+)\]$/.exec(part);
+    if (m && Number(m[1]) >= 1 && Number(m[1]) <= count) {
+      const a = document.createElement("a");
+      a.className = "cite";
+      a.href = "#cite-" + m[1];
+      a.textContent = part;
+      box.append(a);
+    } else {
+      box.append(document.createTextNode(part));
+    }
+  }
+}
+
+function renderCitations(citations) {
+  const list = $("citations");
+  list.replaceChildren();
+  for (const c of citations) {
+    const li = document.createElement("li");
+    li.id = "cite-" + c.index;
+    li.value = c.index;
+    const title = document.createElement("strong");
+    title.textContent = c.title || c.document_path;
+    const path = document.createElement("div");
+    path.className = "path";
+    path.textContent = c.source ? `${c.source}: ${c.document_path}` : c.document_path;
+    li.append(title, path);
+    if (c.heading) {
+      const heading = document.createElement("div");
+      heading.className = "heading";
+      heading.textContent = c.heading;
+      li.append(heading);
+    }
+    const score = document.createElement("div");
+    score.className = "score";
+    score.textContent = `chunk ${c.chunk_id}` + (typeof c.score === "number" ? ` · score ${c.score.toFixed(3)}` : "");
+    li.append(score);
+    list.append(li);
+  }
+  if (!citations.length) {
+    const li = document.createElement("li");
+    li.textContent = "No citations (retrieval off, or nothing relevant found).";
+    list.append(li);
+  }
+}
+
+async function ask(event) {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (!question) return;
+  const body = {
+    model: $("model").value,
+    messages: [{ role: "user", content: question }],
+    max_tokens: Number($("max-tokens").value) || 128,
+    rag: $("rag").checked,
+  };
+  $("send").disabled = true;
+  setStatus("Thinking…");
+  const started = performance.now();
+  try {
+    const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    if (!resp.ok) {
+      setStatus(`Error ${resp.status}: ${await errorText(resp)}`, true);
+      return;
+    }
+    const data = await resp.json();
+    const citations = data.citations || [];
+    renderAnswer(data.choices[0].message.content || "", citations.length);
+    renderCitations(citations);
+    const t = data.tandem || {};
+    const served = $("served");
+    served.textContent = `served by ${t.served_model || data.model}` +
+      (t.adapter_version ? ` (adapter v${t.adapter_version})` : "") +
+      (t.fallback ? " · adapter unavailable, base model answered" : "") +
+      ` · retrieval ${t.rag ? "on" : "off"} · ${((performance.now() - started) / 1000).toFixed(1)} s`;
+    served.className = t.fallback ? "meta fallback" : "meta";
+    $("result").hidden = false;
+    setStatus("");
+  } catch (err) {
+    setStatus("The gateway could not be reached: " + err, true);
+  } finally {
+    $("send").disabled = false;
+  }
+}
+
+$("api-key").value = localStorage.getItem(keyStore) || "";
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem(keyStore, $("api-key").value.trim());
+  loadModels();
+});
+$("ask").addEventListener("submit", ask);
+$("question").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask").requestSubmit();
+});
+loadModels();
