@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     retrain_schedule: str = "@daily"
     eval_schedule: str = "@daily"
 
+    # Ingestion (components/ingest): chunk size in embedding-model tokens, overlap, limits, embedding batch
+    ingest_chunk_tokens: int = 240
+    ingest_chunk_overlap: int = 32
+    ingest_max_document_bytes: int = 5_000_000
+    ingest_embed_batch: int = 32
+    retrieval_ef_search: int = 64
+
     # Sample domain shipped with the repo
     docs_source: str = "data/sample/docs"
     train_data: str = "data/sample/train"

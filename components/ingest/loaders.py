@@ -1,0 +1,149 @@
+"""Turn a file's bytes into text plus metadata: Markdown/text (with YAML front matter), HTML and PDF.
+
+HTML and PDF become Markdown-like text (``#`` headings, blank lines between paragraphs) so one chunker
+handles every format; character offsets of chunks refer to this text.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+_H1 = re.compile(r"^#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+
+
+class BadDocument(Exception):  # noqa: N818 - reads as "this is a bad document", the reason is the message
+    """A document that cannot be indexed; the message is the reason recorded in ingest_failures."""
+
+
+@dataclass
+class LoadedDocument:
+    text: str
+    title: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    body_start: int = 0  # where the text after any front matter begins
+
+
+def load_document(path: str, data: bytes) -> LoadedDocument:
+    """Parse one document by its suffix; raises BadDocument with a one-line reason."""
+    suffix = PurePosixPath(path).suffix.lower()
+    if not data.strip():
+        raise BadDocument("empty file")
+    if suffix == ".pdf":
+        doc = _load_pdf(data)
+    elif suffix in (".html", ".htm"):
+        doc = _load_html(data)
+    else:
+        doc = _load_markdown(_decode(data))
+    if not doc.text[doc.body_start :].strip():
+        raise BadDocument("no text content")
+    if not doc.title:
+        doc.title = PurePosixPath(path).stem.replace("-", " ").replace("_", " ")
+    return doc
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadDocument(f"undecodable: not UTF-8 (byte {exc.start})") from exc
+
+
+def _load_markdown(text: str) -> LoadedDocument:
+    text = text.replace("\r\n", "\n")
+    metadata: dict[str, Any] = {}
+    body_start = 0
+    match = _FRONT_MATTER.match(text)
+    if match:
+        try:
+            parsed = yaml.safe_load(match.group(1))
+        except yaml.YAMLError as exc:
+            raise BadDocument(f"invalid front matter: {str(exc).splitlines()[0]}") from exc
+        if isinstance(parsed, dict):
+            metadata = {str(k): _plain(v) for k, v in parsed.items()}
+            body_start = match.end()
+    title = str(metadata.get("title") or "")
+    if not title:
+        h1 = _H1.search(text, body_start)
+        title = h1.group(1).strip() if h1 else ""
+    return LoadedDocument(text, title, metadata, body_start)
+
+
+def _plain(value: Any) -> Any:
+    """Front-matter values as JSON-friendly data (dates become ISO strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+_BLOCK_TAGS = {"p", "li", "pre", "blockquote", "td", "th", "dt", "dd", "figcaption", "caption"}
+
+
+def _load_html(data: bytes) -> LoadedDocument:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(data, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template", "nav", "footer"]):
+        tag.decompose()
+    metadata: dict[str, Any] = {}
+    for meta in soup.find_all("meta"):
+        name, content = meta.get("name"), meta.get("content")
+        if isinstance(name, str) and isinstance(content, str) and name.lower() not in ("viewport", "generator"):
+            metadata[name.lower()] = content
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    body = soup.body or soup
+    parts: list[str] = []
+    for tag in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", *_BLOCK_TAGS]):
+        # Only innermost blocks: a <li> holding a <p> is emitted once, through the <p>.
+        if tag.name in _BLOCK_TAGS and tag.find(list(_BLOCK_TAGS)):
+            continue
+        words = " ".join(tag.get_text(" ", strip=True).split())
+        if not words:
+            continue
+        if tag.name[0] == "h" and tag.name[1:].isdigit():
+            parts.append("#" * int(tag.name[1]) + " " + words)
+        elif tag.name == "li":
+            parts.append("- " + words)
+        else:
+            parts.append(words)
+    if not parts:  # no block markup at all: keep the bare text
+        loose = " ".join(body.get_text(" ", strip=True).split())
+        parts = [loose] if loose else []
+    text = "\n\n".join(parts) + "\n" if parts else ""
+    if not title:
+        h1 = _H1.search(text)
+        title = h1.group(1).strip() if h1 else ""
+    return LoadedDocument(text, title, metadata)
+
+
+def _load_pdf(data: bytes) -> LoadedDocument:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        pages = [page.extract_text() or "" for page in reader.pages]
+        info: Any = reader.metadata or {}
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise BadDocument(f"unreadable PDF: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    paragraphs = []
+    for page in pages:
+        for para in re.split(r"\n[ \t]*\n", page.replace("\r\n", "\n")):
+            lines = [" ".join(line.split()) for line in para.splitlines()]
+            joined = " ".join(line for line in lines if line)
+            if joined:
+                paragraphs.append(joined)
+    text = "\n\n".join(paragraphs) + "\n" if paragraphs else ""
+    title = str(info.get("/Title") or "").strip()
+    metadata = {k.lstrip("/").lower(): str(v) for k, v in info.items() if k in ("/Author", "/Subject")}
+    return LoadedDocument(text, title, metadata)

@@ -1,0 +1,351 @@
+"""One sync run of a source into the index: the function the CLI, the DAG and the benchmark all call.
+
+Three stages overlap so the embedding model, the ceiling on a CPU, never waits: a reader thread lists,
+hashes, parses and chunks documents; the calling thread embeds only the chunk texts not already embedded;
+a writer thread stores each document in its own transaction. Unchanged documents (same content hash, same
+chunking, same embedding model) are skipped before the model is even loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from components.embedding import Embedder, configured_model_id, get_embedder, model_dim
+from components.errors import ServiceError
+from components.ingest import store
+from components.ingest.chunking import Chunk, chunk_text, chunking_signature, load_tokenizer
+from components.ingest.loaders import BadDocument, load_document
+from components.ingest.sources import Source, SourceFile
+from components.models import embedding_model_path
+from components.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+_EMBED_GROUP = 256  # chunks gathered across documents per call into the model
+_DONE = object()
+
+
+@dataclass
+class SyncReport:
+    """What one run did; also the extra of the Airflow asset event and `tandem ingest --json`."""
+
+    source: str
+    model_id: str
+    generation: int
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: int = 0
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+    chunks_written: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    activated: bool = False
+    run_id: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    deleted_paths: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Prepared:
+    file: SourceFile
+    is_new: bool
+    content_hash: str
+    title: str
+    metadata: dict[str, Any]
+    chunks: list[Chunk]
+
+
+@dataclass
+class _Failed:
+    path: str
+    reason: str
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def sync_documents(
+    location: str,
+    *,
+    force: bool = False,
+    settings: Settings | None = None,
+    embedder: Embedder | None = None,
+    progress: ProgressFn | None = None,
+) -> SyncReport:
+    """Bring the index in line with the documents under `location` (a folder or an fsspec URL).
+
+    force: re-chunk and re-embed every document, reusing nothing. Documents that fail to load are
+    recorded in ingest_failures and reported; the run goes on. Safe to interrupt at any point.
+    """
+    from components.db import connect
+
+    settings = settings or get_settings()
+    started = time.perf_counter()
+    src = Source(location)
+    model_path = embedding_model_path(settings)
+    model_id = embedder.model_id if embedder else configured_model_id(settings)
+    dim = embedder.dim if embedder else (model_dim(model_path) or get_embedder(settings).dim)
+    chunking = chunking_signature(settings.ingest_chunk_tokens, settings.ingest_chunk_overlap)
+
+    conn = connect(settings)
+    if not store.lock_source(conn, src.name):
+        conn.close()
+        raise ServiceError(f"another ingest of {src.name!r} is running; wait for it to finish")
+    try:
+        generation = store.ensure_generation(conn, model_id, dim)
+        report = SyncReport(src.name, model_id, generation.id)
+        report.run_id = store.start_run(conn, src.name, model_id)
+        files = src.list_files()
+        state = store.indexed_state(conn, src.name, generation.id)
+        reuse = not force and store.generation_has_chunks(conn, generation.id)
+        model_before = embedder.model_seconds if embedder else 0.0
+        run = _Run(settings, src, generation, chunking, conn, report, progress, len(files))
+        run.execute(files, state, force=force, reuse=reuse, embedder=embedder)
+        report.deleted_paths = store.delete_missing(conn, src.name, [f.path for f in files])
+        report.deleted = len(report.deleted_paths)
+        report.activated = store.activate_if_complete(conn, generation)
+        if run.embedder is not None:
+            report.model_seconds = round(run.embedder.model_seconds - model_before, 3)
+        report.seconds = round(time.perf_counter() - started, 3)
+        store.finish_run(conn, report.run_id, report.to_dict())
+        return report
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            store.unlock_source(conn, src.name)
+        conn.close()
+
+
+class _Run:
+    def __init__(
+        self,
+        settings: Settings,
+        src: Source,
+        generation: store.Generation,
+        chunking: str,
+        conn: psycopg.Connection,
+        report: SyncReport,
+        progress: ProgressFn | None,
+        total: int,
+    ) -> None:
+        self.settings = settings
+        self.src = src
+        self.generation = generation
+        self.chunking = chunking
+        self.conn = conn
+        self.report = report
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        self.embedder: Embedder | None = None
+        self._lock = threading.Lock()
+
+    def _tick(self) -> None:
+        with self._lock:
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total)
+
+    def execute(
+        self,
+        files: list[SourceFile],
+        state: dict[str, store.IndexedState],
+        *,
+        force: bool,
+        reuse: bool,
+        embedder: Embedder | None,
+    ) -> None:
+        self.embedder = embedder
+        prepared: queue.Queue[Any] = queue.Queue(maxsize=64)
+        to_write: queue.Queue[Any] = queue.Queue(maxsize=4)
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._guard, args=(self._read, errors, stop, prepared, files, state, force), daemon=True
+        )
+        writer = threading.Thread(target=self._guard, args=(self._write, errors, stop, to_write), daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            for group in self._groups(prepared, stop):
+                if errors:
+                    break
+                self._embed(group, reuse)
+                _put(to_write, group, stop)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            _put(to_write, _DONE, stop)
+            writer.join()
+            stop.set()
+            reader.join()
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def _guard(fn: Callable[..., None], errors: list[BaseException], stop: threading.Event, *args: Any) -> None:
+        try:
+            fn(stop, *args)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    # Stage 1: read, hash, skip unchanged, parse and chunk.
+    def _read(
+        self,
+        stop: threading.Event,
+        out: queue.Queue[Any],
+        files: list[SourceFile],
+        state: dict[str, store.IndexedState],
+        force: bool,
+    ) -> None:
+        tokenizer = load_tokenizer(embedding_model_path(self.settings))
+        limit = self.settings.ingest_max_document_bytes
+        unchanged_failures: list[str] = []
+        for file in files:
+            if stop.is_set():
+                return
+            known = state.get(file.path)
+            try:
+                if file.size > limit:
+                    raise BadDocument(f"too large: {file.size} bytes, limit {limit} (TANDEM_INGEST_MAX_DOCUMENT_BYTES)")
+                try:
+                    data = self.src.read_bytes(file.path)
+                except OSError as exc:
+                    raise BadDocument(f"unreadable: {exc.strerror or exc}") from exc
+                if len(data) > limit:
+                    raise BadDocument(f"too large: {len(data)} bytes, limit {limit} (TANDEM_INGEST_MAX_DOCUMENT_BYTES)")
+                digest = hashlib.sha256(data).hexdigest()
+                if not force and known and known.content_hash == digest and known.chunking == self.chunking:
+                    self.report.unchanged += 1
+                    unchanged_failures.append(file.path)
+                    self._tick()
+                    continue
+                doc = load_document(file.path, data)
+                chunks = chunk_text(
+                    doc.text,
+                    tokenizer=tokenizer,
+                    max_tokens=self.settings.ingest_chunk_tokens,
+                    overlap=self.settings.ingest_chunk_overlap,
+                    title=doc.title,
+                    body_start=doc.body_start,
+                )
+                if not chunks:
+                    raise BadDocument("no text content")
+                item: Any = _Prepared(file, known is None or known.doc_id is None, digest, doc.title, doc.metadata,
+                                      chunks)  # fmt: skip
+            except BadDocument as exc:
+                item = _Failed(file.path, str(exc))
+            except Exception as exc:  # a parser crashing on a malformed file must not stop the run
+                log.warning("loading %s failed", file.path, exc_info=True)
+                item = _Failed(file.path, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
+            _put(out, item, stop)
+        # An unchanged document that was once recorded as failed has loaded since: forget the failure.
+        _put(out, ("clear", unchanged_failures), stop)
+        _put(out, _DONE, stop)
+
+    def _groups(self, prepared: queue.Queue[Any], stop: threading.Event) -> Iterator[list[Any]]:
+        """Documents gathered until about _EMBED_GROUP chunks, so the model gets full batches."""
+        group: list[Any] = []
+        size = 0
+        while not stop.is_set():
+            try:
+                item = prepared.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                break
+            group.append(item)
+            size += len(item.chunks) if isinstance(item, _Prepared) else 0
+            if size >= _EMBED_GROUP:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    # Stage 2: embed what is not embedded yet.
+    def _embed(self, group: list[Any], reuse: bool) -> None:
+        docs = [item for item in group if isinstance(item, _Prepared)]
+        hashes = {c.text_hash for d in docs for c in d.chunks}
+        known = store.existing_embeddings(self.conn, self.generation.id, hashes) if reuse and hashes else {}
+        todo: dict[str, str] = {}
+        for d in docs:
+            for c in d.chunks:
+                if c.text_hash not in known:
+                    todo.setdefault(c.text_hash, c.embed_text)
+        if todo:
+            if self.embedder is None:
+                self.embedder = get_embedder(self.settings)
+            vectors = self.embedder.encode(list(todo.values()), batch_size=self.settings.ingest_embed_batch)
+            known.update(zip(todo.keys(), vectors, strict=True))
+        self.report.chunks_embedded += len(todo)
+        for d in docs:
+            self.report.chunks_reused += sum(1 for c in d.chunks if c.text_hash not in todo)
+            d.embeddings = np.stack([known[c.text_hash] for c in d.chunks])  # type: ignore[attr-defined]
+
+    # Stage 3: one transaction per document.
+    def _write(self, stop: threading.Event, incoming: queue.Queue[Any]) -> None:
+        from components.db import connect
+
+        with connect(self.settings) as conn:
+            while True:
+                group = incoming.get()
+                if group is _DONE:
+                    return
+                for item in group:
+                    if stop.is_set():
+                        return
+                    self._write_one(conn, item)
+
+    def _write_one(self, conn: psycopg.Connection, item: Any) -> None:
+        if isinstance(item, tuple):
+            store.clear_failure(conn, self.src.name, item[1])
+            return
+        if isinstance(item, _Failed):
+            store.record_failure(conn, self.src.name, item.path, item.reason)
+            self.report.failed += 1
+            self.report.failures.append({"path": item.path, "reason": item.reason})
+        else:
+            doc = store.DocumentWrite(
+                path=item.file.path,
+                title=item.title,
+                content_hash=item.content_hash,
+                size_bytes=item.file.size,
+                modified_at=item.file.modified_at,
+                metadata=item.metadata,
+                chunks=item.chunks,
+                embeddings=item.embeddings,
+            )
+            store.write_document(conn, self.src.name, self.generation, doc, self.chunking)
+            if item.is_new:
+                self.report.added += 1
+            else:
+                self.report.updated += 1
+            self.report.chunks_written += len(item.chunks)
+        self._tick()
+
+
+def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while True:
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            if stop.is_set():
+                return
