@@ -106,6 +106,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW_HOME": str(settings.airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # a test session's unit-test mode would make the real scheduler skip work: standalone is never a unit test
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__API__PORT": str(settings.airflow_port),
         "AIRFLOW__API__HOST": settings.host,
         # standalone spawns the `airflow` CLI, so it must be on PATH
