@@ -137,7 +137,7 @@ def existing_embeddings(conn: psycopg.Connection, generation_id: int, hashes: It
         (generation_id, wanted),
     ).fetchall()
     conn.commit()
-    return {h: np.asarray(v, dtype=np.float32) for h, v in rows}
+    return {h: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, dtype=np.float32) for h, v in rows}
 
 
 def chunk_id(source: str, path: str, generation_id: int, chunk: Chunk) -> str:

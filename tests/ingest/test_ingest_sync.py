@@ -1,0 +1,192 @@
+"""Sync runs against real Postgres and the real embedding model: change detection, atomicity, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.db import connect
+from components.ingest import store, sync
+from components.ingest.sync import sync_documents
+from components.settings import Settings
+
+from .conftest import write_corpus
+
+
+def _chunks_by_path(settings: Settings) -> dict[str, list[tuple[int, str]]]:
+    with connect(settings) as conn:
+        rows = conn.execute(
+            """SELECT d.path, c.ordinal, c.text_hash FROM chunks c JOIN documents d ON d.id = c.document_id
+                JOIN embedding_generations g ON g.id = c.generation_id AND g.status = 'active'
+                ORDER BY d.path, c.ordinal"""
+        ).fetchall()
+    out: dict[str, list[tuple[int, str]]] = {}
+    for path, ordinal, text_hash in rows:
+        out.setdefault(path, []).append((ordinal, text_hash))
+    return out
+
+
+def _assert_whole(settings: Settings) -> None:
+    """Every document's chunk rows match what its generation record claims: nothing partial, nothing doubled."""
+    with connect(settings) as conn:
+        bad = conn.execute(
+            """SELECT d.path, g.chunk_count, count(c.id) FROM documents d
+                 JOIN document_generations g ON g.document_id = d.id
+                 LEFT JOIN chunks c ON c.document_id = d.id AND c.generation_id = g.generation_id
+                GROUP BY d.path, g.chunk_count HAVING g.chunk_count <> count(c.id)"""
+        ).fetchall()
+        orphans = conn.execute(
+            """SELECT count(*) FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM document_generations g
+                WHERE g.document_id = c.document_id AND g.generation_id = c.generation_id)"""
+        ).fetchone()
+    assert bad == []
+    assert orphans == (0,)
+
+
+def test_first_ingest_then_rerun_embeds_nothing(
+    ingest_db: Settings, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = sync_documents(str(corpus), settings=ingest_db)
+    assert (first.added, first.updated, first.unchanged, first.failed) == (4, 0, 0, 0)
+    assert first.chunks_embedded > 0 and first.chunks_written >= first.chunks_embedded
+    assert first.activated  # the first generation goes live when complete
+    stored = _chunks_by_path(ingest_db)
+    assert sorted(stored) == ["about/history.txt", "faq/fees.html", "procedures/berth-booking.md",
+                              "procedures/hot-works.md"]  # fmt: skip
+    with connect(ingest_db) as conn:
+        rows = conn.execute(
+            """SELECT c.text, c.char_start, c.char_end, c.heading, d.metadata FROM chunks c
+                 JOIN documents d ON d.id = c.document_id WHERE d.path = 'procedures/berth-booking.md'
+                ORDER BY c.ordinal"""
+        ).fetchall()
+    source_text = (corpus / "procedures/berth-booking.md").read_text()
+    for text, start, end, _heading, _meta in rows:
+        assert source_text[start:end] == text  # offsets cite the exact place in the file
+    assert rows[0][3] == "Berth Booking > Scope"
+    assert rows[0][4] == {"title": "Berth Booking", "owner": "Marine Operations"}
+    _assert_whole(ingest_db)
+
+    # Nothing changed: nothing embedded, and the model is not even asked for.
+    def no_model(*_: Any, **__: Any) -> None:
+        raise AssertionError("the embedding model was loaded for an unchanged corpus")
+
+    monkeypatch.setattr(sync, "get_embedder", no_model)
+    again = sync_documents(str(corpus), settings=ingest_db)
+    assert (again.added, again.updated, again.unchanged, again.deleted, again.chunks_embedded) == (0, 0, 4, 0, 0)
+    assert _chunks_by_path(ingest_db) == stored
+
+
+def test_edit_delete_add_change_exactly_those(ingest_db: Settings, corpus: Path) -> None:
+    sync_documents(str(corpus), settings=ingest_db)
+    before = _chunks_by_path(ingest_db)
+
+    booking = corpus / "procedures/berth-booking.md"
+    booking.write_text(booking.read_text().replace("21 consecutive days", "14 consecutive days"))
+    (corpus / "about/history.txt").unlink()
+    (corpus / "procedures/diving.md").write_text("# Diving\n\n## Permit\n\nDivers need a dive permit from the DCO.\n")
+
+    report = sync_documents(str(corpus), settings=ingest_db)
+    assert (report.added, report.updated, report.deleted, report.unchanged) == (1, 1, 1, 2)
+    assert report.deleted_paths == ["about/history.txt"]
+    # Only the edited section of the booking procedure and the new document were embedded.
+    assert report.chunks_embedded == 2
+    assert report.chunks_reused == len(before["procedures/berth-booking.md"]) - 1
+    after = _chunks_by_path(ingest_db)
+    assert "about/history.txt" not in after
+    assert after["procedures/hot-works.md"] == before["procedures/hot-works.md"]
+    assert after["faq/fees.html"] == before["faq/fees.html"]
+    changed = [a != b for a, b in zip(after["procedures/berth-booking.md"], before["procedures/berth-booking.md"],
+                                       strict=True)]  # fmt: skip
+    assert changed.count(True) == 1
+    _assert_whole(ingest_db)
+
+
+def test_run_failing_midway_then_rerun_leaves_no_partial_document(
+    ingest_db: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = {f"doc-{i:02d}.md": f"# Doc {i}\n\n## A\n\nAlpha text {i}.\n\n## B\n\nBeta text {i}.\n" for i in range(12)}
+    root = write_corpus(tmp_path / "many", docs)
+    real_write = store.write_document
+    calls = {"n": 0}
+
+    def crash_after_five(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("power cut")
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_document", crash_after_five)
+    with pytest.raises(RuntimeError, match="power cut"):
+        sync_documents(str(root), settings=ingest_db)
+    _assert_whole(ingest_db)
+    with connect(ingest_db) as conn:
+        written = conn.execute("SELECT count(*) FROM document_generations").fetchone()
+    assert written == (5,)
+
+    monkeypatch.setattr(store, "write_document", real_write)
+    rerun = sync_documents(str(root), settings=ingest_db)
+    assert (rerun.added, rerun.unchanged, rerun.failed) == (7, 5, 0)
+    stored = _chunks_by_path(ingest_db)
+    assert len(stored) == 12 and all(len(chunks) == 2 for chunks in stored.values())
+    _assert_whole(ingest_db)
+
+
+@pytest.mark.slow
+def test_killed_process_then_rerun_completes(ingest_db: Settings, tmp_path: Path) -> None:
+    docs = {f"d{i:03d}.md": f"# Doc {i}\n\n" + f"Paragraph {i} about berths and tides. " * 40 for i in range(60)}
+    root = write_corpus(tmp_path / "killed", docs)
+    env = {**os.environ, "TANDEM_DATABASE_URL": ingest_db.database_url}
+    cmd = [sys.executable, "-m", "components.cli", "ingest", str(root), "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            with connect(ingest_db) as conn:
+                row = conn.execute("SELECT count(*) FROM document_generations").fetchone()
+            done = row[0] if row else 0
+            if done >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    _assert_whole(ingest_db)
+    rerun = sync_documents(str(root), settings=ingest_db)
+    assert rerun.added + rerun.unchanged == 60 and rerun.unchanged >= done and rerun.failed == 0
+    _assert_whole(ingest_db)
+    assert len(_chunks_by_path(ingest_db)) == 60
+
+
+def test_bad_files_are_quarantined_with_reason_and_retried(ingest_db: Settings, corpus: Path) -> None:
+    (corpus / "empty.md").write_text("   \n")
+    (corpus / "latin1.txt").write_bytes("Caf\xe9 au lait".encode("latin-1"))
+    (corpus / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    (corpus / "huge.txt").write_text("word " * 5000)
+    settings = ingest_db.model_copy(update={"ingest_max_document_bytes": 20_000})
+
+    report = sync_documents(str(corpus), settings=settings)
+    assert report.added == 4  # the good documents went in all the same
+    reasons = {f["path"]: f["reason"] for f in report.failures}
+    assert sorted(reasons) == ["broken.pdf", "empty.md", "huge.txt", "latin1.txt"]
+    assert reasons["empty.md"] == "empty file"
+    assert reasons["latin1.txt"].startswith("undecodable")
+    assert reasons["huge.txt"].startswith("too large")
+    assert reasons["broken.pdf"].startswith("unreadable")
+    with connect(settings) as conn:
+        assert store.failures(conn)[0]["attempts"] == 1
+
+    (corpus / "latin1.txt").write_text("Café au lait, now in UTF-8.")
+    retry = sync_documents(str(corpus), settings=settings)
+    assert retry.added == 1 and retry.failed == 3
+    with connect(settings) as conn:
+        left = {f["path"]: f["attempts"] for f in store.failures(conn)}
+    assert left == {"broken.pdf": 2, "empty.md": 2, "huge.txt": 2}
