@@ -40,11 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _progress_printer() -> Any:
     def show(event: dict[str, Any]) -> None:
+        where = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}"
         if event.get("eval_loss") is not None:
-            line = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}  val_loss {event['eval_loss']:.4f}"
+            print(f"{where}  val_loss {event['eval_loss']:.4f}", file=sys.stderr, flush=True)
         else:
-            line = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}  loss {event['loss']:.4f}"
-        print(line, file=sys.stderr, flush=True)
+            print(f"{where}  loss {event['loss']:.4f}", file=sys.stderr, flush=True)
 
     return show
 
