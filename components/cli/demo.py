@@ -1,4 +1,8 @@
-"""`tandem demo`: the main job end to end on the embedded defaults, step by step."""
+"""`tandem demo`: the main job end to end on the embedded defaults, one step after another.
+
+Each step is the same command a user would type (`tandem ingest`, `tandem ask`, `tandem train`, `tandem eval`),
+run in this process, so the demo shows exactly what the CLI does.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,20 @@ import time
 import httpx
 
 from components.cli._output import table
+from components.errors import ServiceError
 from components.settings import Settings, get_settings
 from components.stack import manager
 
 DEMO_QUESTION = "What is the capital of France? Answer in one word."
+DOMAIN_QUESTION = "What does BSR stand for at the harbour, and when is one required?"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the whole job end to end on the embedded defaults")
     p.add_argument("--question", default=DEMO_QUESTION, help="the question asked of the base model")
+    p.add_argument("--domain-question", default=DOMAIN_QUESTION, help="the question asked through the gateway")
+    p.add_argument("--train-steps", type=int, default=24, help="optimizer steps for the demo's adapter (0: skip)")
+    p.add_argument("--eval-limit", type=int, default=20, help="held-out questions for the final table (0: skip)")
     p.add_argument("--down", action="store_true", help="stop the stack when the demo ends")
     p.set_defaults(func=cmd_demo)
 
@@ -42,23 +51,53 @@ def ask_base_model(settings: Settings, question: str, max_tokens: int = 32) -> s
     return str(resp.json()["choices"][0]["message"]["content"]).strip()
 
 
+def _run(argv: list[str]) -> None:
+    """Run one `tandem` command in this process; stop the demo if it fails."""
+    from components.cli import main
+
+    print(f"$ tandem {' '.join(argv)}", flush=True)
+    code = main(argv)
+    if code:
+        raise ServiceError(f"demo step `tandem {' '.join(argv)}` failed with exit code {code}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
     started = time.monotonic()
+    try:
+        _step("1. bring the stack up (Postgres + pgvector, vLLM, gateway, GPU exporter, Airflow, Prometheus)")
+        manager.up(settings, on_event=lambda name, msg: print(f"{name:<13} {msg}", flush=True))
 
-    _step("1. bring the stack up")
-    manager.up(settings, on_event=lambda name, msg: print(f"{name:<13} {msg}", flush=True))
+        _step("2. status")
+        items = manager.status(settings)
+        print(table([(i.name, i.state, i.url) for i in items], ["component", "state", "url"]))
 
-    _step("2. status")
-    items = manager.status(settings)
-    print(table([(i.name, i.state, i.url) for i in items], ["component", "state", "url"]))
+        _step(f"3. ask the base model through vLLM: {args.question}")
+        t0 = time.monotonic()
+        answer = ask_base_model(settings, args.question)
+        print(f"{settings.served_model_name}: {answer}   ({time.monotonic() - t0:.1f} s)")
 
-    _step(f"3. ask the base model through vLLM: {args.question}")
-    t0 = time.monotonic()
-    answer = ask_base_model(settings, args.question)
-    print(f"{settings.served_model_name}: {answer}   ({time.monotonic() - t0:.1f} s)")
+        _step("4. ingest the sample knowledge base into pgvector (same code as the ingest_documents DAG)")
+        _run(["ingest", settings.docs_source])
 
+        _step("5. ask the base model with retrieval, through the gateway")
+        _run(["ask", args.domain_question, "--model", settings.served_model_name])
+
+        if args.train_steps > 0:
+            _step(f"6. train a LoRA adapter for '{settings.default_alias}', gate it against the champion, promote it")
+            _run(["train", "--alias", settings.default_alias, "--max-steps", str(args.train_steps)])
+            _run(["adapters", "--alias", settings.default_alias])
+
+            _step(f"7. ask the '{settings.default_alias}' alias (adapter + retrieval)")
+            _run(["ask", args.domain_question, "--model", settings.default_alias])
+
+        if args.eval_limit > 0:
+            _step(f"8. RAG vs fine-tune vs hybrid on {args.eval_limit} held-out questions")
+            _run(["eval", "--alias", settings.default_alias, "--limit", str(args.eval_limit)])
+    finally:
+        if args.down:
+            manager.down(settings)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    if args.down:
-        manager.down(settings)
+    if not args.down:
+        print("the stack is still up: `tandem status`, `tandem down` to stop it", file=sys.stderr)
     return 0
