@@ -250,8 +250,12 @@ def train_adapter(
     )
 
     val_losses: list[float] = []
+    tokens_at_start = [0]
 
     class _Progress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            tokens_at_start[0] = int(state.num_input_tokens_seen or 0)  # non-zero after a resume
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
             if "eval_loss" in logs:
@@ -291,7 +295,7 @@ def train_adapter(
 
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))
-    tokens = int(state.num_input_tokens_seen or 0)
+    tokens = int(state.num_input_tokens_seen or 0) - tokens_at_start[0]  # this session's tokens only
     train_seconds = float(output.metrics.get("train_runtime", time.monotonic() - started))
     losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
     stopped_early = bool(config.max_steps <= 0 and state.global_step < steps_per_epoch * config.epochs)
