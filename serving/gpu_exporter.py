@@ -2,7 +2,7 @@
 
     python -m serving.gpu_exporter --host 127.0.0.1 --port 9400
 
-Every scrape reads NVML afresh. With no GPU (or no driver) it serves ``tandem_gpu_count 0`` and nothing else,
+Every scrape reads NVML afresh. With no GPU (or no driver) it serves ``tandem_gpus 0`` and nothing else,
 without an error: the same dashboards then work on a CPU-only machine.
 """
 

@@ -247,7 +247,7 @@ GPU_REGISTRY = CollectorRegistry(auto_describe=True)
 _GPU_LABELS = ["gpu", "UUID", "modelName"]
 
 GPU_COUNT = Gauge(
-    "gpu_count", "GPUs visible to NVML (0 when there is no GPU or driver).", namespace=NS, registry=GPU_REGISTRY
+    "gpus", "GPUs visible to NVML (0 when there is no GPU or driver).", namespace=NS, registry=GPU_REGISTRY
 )
 GPU_UTILIZATION = Gauge(
     "gpu_utilization_percent",

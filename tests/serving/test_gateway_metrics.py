@@ -76,7 +76,7 @@ def test_gpu_exporter_without_gpu() -> None:
         proc.terminate()
         proc.wait(10)
     assert _promtool(text).returncode == 0
-    gpus = [line for line in text.splitlines() if line.startswith("tandem_gpu_count ")]
+    gpus = [line for line in text.splitlines() if line.startswith("tandem_gpus ")]
     assert gpus and float(gpus[0].split()[1]) >= 0
     if float(gpus[0].split()[1]) == 0:
         assert "tandem_gpu_utilization_percent{" not in text

@@ -1,0 +1,276 @@
+"""`tandem bench gateway`: direct vLLM vs the gateway (retrieval off, then on) at 1 and 16 clients, embed and
+retrieve latency, and promotion time with errors counted under load. Needs vLLM, Postgres and the gateway
+(started if they are not up) and an ingested corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from components.cli._output import add_json_flag, print_json, table
+from components.errors import ServiceError
+from components.settings import Settings, get_settings
+
+QUESTION = "When does Corran Lock open for transits?"
+TARGETS = {"overhead_p50_ms": 5.0, "throughput_loss_pct_16": 5.0, "embed_retrieve_p50_ms": 25.0, "promotion_s": 2.0}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("gateway", help="gateway overhead, RAG cost, promotion time (vLLM vs gateway)")
+    p.add_argument("--requests", type=int, default=40, help="requests per variant at 1 client")
+    p.add_argument("--requests-16", type=int, default=48, help="requests per variant at 16 clients")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (ignore_eos)")
+    p.add_argument("--promotions", type=int, default=3, help="promotions timed under 8 clients")
+    p.add_argument("--out", default="bench/results/gateway.json", help="where to write the results JSON")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def _load(url: str, body: dict[str, Any], headers: dict[str, str], n: int, clients: int) -> dict[str, Any]:
+    """n requests from ``clients`` concurrent clients: latency percentiles, throughput, errors."""
+    latencies: list[float] = []
+    errors = 0
+    queue = list(range(n))
+    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
+
+        async def worker() -> None:
+            nonlocal errors
+            while queue:
+                queue.pop()
+                started = time.perf_counter()
+                try:
+                    r = await http.post(url, json=body)
+                    r.raise_for_status()
+                    latencies.append(time.perf_counter() - started)
+                except httpx.HTTPError:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": n,
+        "errors": errors,
+        "p50_ms": round(1000 * _pct(latencies, 0.5), 2),
+        "p95_ms": round(1000 * _pct(latencies, 0.95), 2),
+        "req_per_s": round(len(latencies) / wall, 3),
+    }
+
+
+async def _overhead_pairs(s: Settings, headers: dict[str, str], n: int) -> dict[str, Any]:
+    """1 client, 1 token: direct and gateway requests interleaved so drift hits both alike."""
+    direct_body = {
+        "model": s.served_model_name,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 1,
+    }
+    direct, via = [], []
+    async with httpx.AsyncClient(timeout=120, headers=headers) as http:
+        for _ in range(3):  # warm both paths
+            await http.post(s.vllm_endpoints[0] + "/v1/chat/completions", json=direct_body)
+            await http.post(s.gateway_url + "/v1/chat/completions", json={**direct_body, "rag": False})
+        for _ in range(n):
+            t = time.perf_counter()
+            (await http.post(s.vllm_endpoints[0] + "/v1/chat/completions", json=direct_body)).raise_for_status()
+            direct.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            (
+                await http.post(s.gateway_url + "/v1/chat/completions", json={**direct_body, "rag": False})
+            ).raise_for_status()
+            via.append(time.perf_counter() - t)
+    d, g = statistics.median(direct), statistics.median(via)
+    return {
+        "direct_p50_ms": round(1000 * d, 2),
+        "gateway_p50_ms": round(1000 * g, 2),
+        "overhead_p50_ms": round(1000 * (g - d), 2),
+    }
+
+
+def _embed_retrieve(s: Settings, n: int) -> dict[str, Any]:
+    from components.db import connect
+    from components.embedding import get_embedder
+    from components.retrieval import hybrid_search
+
+    embedder = get_embedder(s)
+    questions = [QUESTION, "How are berths booked?", "Who handles a diesel spill?", "What is a hot works permit?"]
+    embedder.encode_query(questions[0])
+    embed, retrieve, total, found = [], [], [], 0
+    with connect(s) as conn:
+        for i in range(n):
+            q = questions[i % len(questions)]
+            t0 = time.perf_counter()
+            vector = embedder.encode_query(q)
+            t1 = time.perf_counter()
+            found += len(hybrid_search(conn, q, vector, top_k=s.rag_top_k, candidates=s.rag_candidates))
+            t2 = time.perf_counter()
+            embed.append(t1 - t0)
+            retrieve.append(t2 - t1)
+            total.append(t2 - t0)
+    if not found:
+        raise ServiceError("retrieval found no chunks: run `tandem ingest` first")
+    return {
+        "queries": n,
+        "embed_p50_ms": round(1000 * statistics.median(embed), 2),
+        "retrieve_p50_ms": round(1000 * statistics.median(retrieve), 2),
+        "embed_retrieve_p50_ms": round(1000 * statistics.median(total), 2),
+    }
+
+
+def _bench_adapters(s: Settings) -> list[int]:
+    """Two tiny random adapters registered under the alias 'bench' (removed again at the end)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from components import registry
+    from components.db import connect
+    from components.models import base_model_path
+
+    versions = []
+    with connect(s) as conn:
+        for seed in (1, 2):
+            folder = s.adapters_dir / "bench" / f"seed{seed}"
+            if not (folder / "adapter_model.safetensors").exists():
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_pretrained(base_model_path(s), torch_dtype=torch.float32)
+                config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                get_peft_model(model, config).save_pretrained(str(folder))
+            av = registry.register_candidate(
+                conn,
+                alias="bench",
+                base_model=s.served_model_name,
+                dataset_version="bench",
+                dataset_size=0,
+                hyperparameters={"r": 8},
+                metrics={},
+                artifact_uri=str(folder),
+                lora_rank=8,
+            )
+            versions.append(av.version)
+        conn.commit()
+    return versions
+
+
+async def _promotions(s: Settings, headers: dict[str, str], versions: list[int], rounds: int) -> dict[str, Any]:
+    """Promote back and forth under 8 clients; time each promotion and count failed requests."""
+    stop = asyncio.Event()
+    ok = errors = 0
+    body = {"model": "bench", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "rag": False}
+    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
+
+        async def client() -> None:
+            nonlocal ok, errors
+            while not stop.is_set():
+                try:
+                    (await http.post(s.gateway_url + "/v1/chat/completions", json=body)).raise_for_status()
+                    ok += 1
+                except httpx.HTTPError:
+                    errors += 1
+
+        promote_url = s.gateway_url + "/v1/admin/adapters/promote"
+        (await http.post(promote_url, json={"alias": "bench", "version": versions[0]})).raise_for_status()
+        tasks = [asyncio.create_task(client()) for _ in range(8)]
+        await asyncio.sleep(2.0)
+        times = []
+        for i in range(rounds):
+            t = time.perf_counter()
+            r = await http.post(promote_url, json={"alias": "bench", "version": versions[(i + 1) % 2]})
+            r.raise_for_status()
+            times.append(time.perf_counter() - t)
+            await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+    return {
+        "promotions": rounds,
+        "promotion_p50_s": round(statistics.median(times), 3),
+        "promotion_max_s": round(max(times), 3),
+        "requests_during": ok + errors,
+        "failed_requests": errors,
+    }
+
+
+def _cleanup(s: Settings) -> None:
+    from components.db import connect
+
+    with connect(s) as conn:
+        conn.execute("DELETE FROM adapter_versions WHERE alias = 'bench'")
+        conn.commit()
+    for url in s.vllm_endpoints:
+        for name in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"] if m["id"].startswith("bench-v")]:
+            httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def run(args: argparse.Namespace) -> int:
+    from components.stack import manager
+
+    s = get_settings()
+    manager.up(s, only=["postgres", "vllm", "gateway"])
+    key = (s.admin_api_keys or s.api_keys or ["none"])[0]
+    headers = {"Authorization": f"Bearer {key}"}
+    base = {
+        "model": s.served_model_name,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": args.max_tokens,
+        "ignore_eos": True,
+    }
+    direct_url, gw_url = s.vllm_endpoints[0] + "/v1/chat/completions", s.gateway_url + "/v1/chat/completions"
+    results: dict[str, Any] = {"settings": {"max_tokens": args.max_tokens, "vllm": s.vllm_endpoints}}
+    results["embed_retrieve"] = _embed_retrieve(s, 40)
+    results["overhead_1_client"] = asyncio.run(_overhead_pairs(s, headers, args.requests))
+    load: dict[str, Any] = {}
+    for clients, n in ((1, max(8, args.requests // 4)), (16, args.requests_16)):
+        load[f"direct_{clients}"] = asyncio.run(_load(direct_url, base, headers, n, clients))
+        load[f"gateway_rag_off_{clients}"] = asyncio.run(_load(gw_url, {**base, "rag": False}, headers, n, clients))
+        load[f"gateway_rag_on_{clients}"] = asyncio.run(_load(gw_url, {**base, "rag": True}, headers, n, clients))
+    results["load"] = load
+    versions = _bench_adapters(s)
+    try:
+        results["promotion"] = asyncio.run(_promotions(s, headers, versions, args.promotions))
+    finally:
+        _cleanup(s)
+    loss = 100 * (1 - load["gateway_rag_off_16"]["req_per_s"] / load["direct_16"]["req_per_s"])
+    results["summary"] = {
+        "overhead_p50_ms": results["overhead_1_client"]["overhead_p50_ms"],
+        "throughput_loss_pct_16": round(loss, 2),
+        "embed_retrieve_p50_ms": results["embed_retrieve"]["embed_retrieve_p50_ms"],
+        "promotion_s": results["promotion"]["promotion_max_s"],
+        "promotion_failed_requests": results["promotion"]["failed_requests"],
+    }
+    results["targets"] = {
+        k: {"target": v, "measured": results["summary"][k], "met": results["summary"][k] <= v}
+        for k, v in TARGETS.items()
+    }
+    results["targets"]["promotion_zero_errors"] = {"met": results["promotion"]["failed_requests"] == 0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        print_json(results)
+        return 0
+    rows = [
+        (k, v["clients"], v["requests"], v["errors"], v["p50_ms"], v["p95_ms"], v["req_per_s"]) for k, v in load.items()
+    ]
+    print(table(rows, ["variant", "clients", "requests", "errors", "p50 ms", "p95 ms", "req/s"]))
+    print()
+    print(
+        table(
+            [(k, v.get("target", 0), v.get("measured", ""), v["met"]) for k, v in results["targets"].items()],
+            ["target", "limit", "measured", "met"],
+        )
+    )
+    print(f"\nwritten to {out}")
+    return 0
