@@ -88,7 +88,7 @@ def _index_line(report: EvalReport) -> str:
 
 
 def markdown_report(report: EvalReport, chart_name: str | None = "chart.png") -> str:
-    version = f"v{report.adapter_version}" if report.adapter_version is not None else "none"
+    version = f"v{report.adapter_version}" if report.adapter_version is not None else "(no champion)"
     parts = [
         f"# Evaluation: RAG vs fine-tune vs hybrid on `{report.alias}`",
         "",
