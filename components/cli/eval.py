@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", help="adapter alias for the adapter arms (default: TANDEM_DEFAULT_ALIAS)")
     p.add_argument("--out", type=Path, help="report folder (default: STATE_DIR/eval/<timestamp>/)")
     p.add_argument("--limit", type=int, help="use only the first N questions")
+    p.add_argument(
+        "--arms",
+        type=lambda v: [a.strip() for a in v.split(",") if a.strip()],
+        help="comma-separated subset of base,base_rag,adapter,adapter_rag (default: all four)",
+    )
     p.add_argument("--no-store", action="store_true", help="do not store the scores in Postgres")
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
@@ -39,6 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         out_dir=args.out,
         store=not args.no_store,
+        arms=args.arms,
         on_progress=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None,
     )
     if args.json:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,10 @@ async def run_arms(
     alias: str,
     has_adapter: bool,
     on_progress: Progress | None = None,
+    arm_keys: Sequence[str] | None = None,
 ) -> tuple[list[Any], RetrievalScores]:
-    """Every arm in turn, then retrieval alone; adapter arms are reported as not run when there is no adapter."""
+    """Every arm in turn (or those in ``arm_keys``), then retrieval alone; adapter arms are reported as not run
+    when there is no adapter."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(
@@ -182,6 +184,8 @@ async def run_arms(
     arms = []
     try:
         for arm in ARMS:
+            if arm_keys is not None and arm.key not in arm_keys:
+                continue
             model = alias if arm.uses_adapter else settings.served_model_name
             if arm.uses_adapter and not has_adapter:
                 arms.append(not_run_arm(arm, model))
@@ -220,11 +224,13 @@ def run_evaluation(
     trigger: str = "cli",
     store: bool = True,
     on_progress: Progress | None = None,
+    arms: Sequence[str] | None = None,
 ) -> EvalReport:
     """Measure the four arms on the held-out QA set through the gateway; write the report, store the scores.
 
     Needs the gateway (and behind it vLLM and Postgres) running. The adapter arms use ``alias``'s champion; with
-    none, they are reported as "no adapter". Returns the report (``run_id`` and ``out_dir`` set).
+    none, they are reported as "no adapter". ``arms`` keeps a subset (e.g. only the adapter arms after a
+    promotion). Returns the report (``run_id`` and ``out_dir`` set).
     """
     from components.db import connect
     from components.evaluation.report import write_report
@@ -234,6 +240,11 @@ def run_evaluation(
     alias = alias or settings.default_alias
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of questions, got {limit}")
+    unknown = sorted(set(arms or ()) - {a.key for a in ARMS})
+    if unknown or (arms is not None and not arms):
+        raise ConfigError(
+            f"unknown arm(s) {', '.join(unknown) or '(none)'}; expected some of {', '.join(a.key for a in ARMS)}"
+        )
     qa_file = resolve_qa_path(settings, qa_path)
     items = load_qa(qa_file, limit=limit)
     if out_dir is not None and (Path(out_dir) / "report.md").exists():
@@ -244,9 +255,9 @@ def run_evaluation(
         index = index_state(conn)
         conn.commit()
     started = datetime.now(UTC)
-    arms, retrieval = asyncio.run(run_arms(settings, items, alias, champion is not None, on_progress))
+    measured, retrieval = asyncio.run(run_arms(settings, items, alias, champion is not None, on_progress, arms))
     finished = datetime.now(UTC)
-    asked = [a for a in arms if a.status == "ok"]
+    asked = [a for a in measured if a.status == "ok"]
     if asked and all(a.errors == a.questions for a in asked):
         first = next(x.error for x in asked[0].answers if x.error)
         raise ServiceError(f"every request to the gateway failed (first: {first}); check `tandem status`")
@@ -264,14 +275,14 @@ def run_evaluation(
         concurrency=settings.eval_concurrency,
         top_k=settings.rag_top_k,
         index=index if isinstance(index, IndexState) else IndexState(),
-        arms=arms,
+        arms=measured,
         retrieval=retrieval,
         trigger=trigger,
     )
-    for scores in arms:
+    for scores in measured:
         if scores.arm.startswith("adapter") and scores.adapter_version is None and champion is not None:
             scores.adapter_version = champion.version
-    report.recommendation = recommend(arms, alias)
+    report.recommendation = recommend(measured, alias)
     target = Path(out_dir) if out_dir else default_out_dir(settings, started)
     report.out_dir = str(target)
     if not store:

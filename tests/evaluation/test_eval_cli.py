@@ -59,3 +59,9 @@ def test_sample_qa_set_is_valid_and_sourced() -> None:
     docs = path.parents[1] / "docs"
     missing = [i.source for i in items if not (docs / i.source).is_file()]
     assert missing == []
+
+
+def test_unknown_arm_is_refused(capsys: Any) -> None:
+    code, err = _run(["eval", "--arms", "adapter,hybrid"], capsys)
+    assert code != 0
+    assert err == "error: unknown arm(s) hybrid; expected some of base, base_rag, adapter, adapter_rag"
