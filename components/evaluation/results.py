@@ -216,6 +216,8 @@ def recommend(arms: list[ArmScores], alias: str) -> str:
         return "No arm was measured: nothing to recommend."
     ranked = sorted(measured, key=lambda a: (-(a.accuracy or 0.0), a.latency_p50_s or float("inf")))
     best = ranked[0]
+    if not best.correct:
+        return "No arm answered any question correctly: nothing to recommend (check the QA set and the index)."
     lines = [
         f"**{best.label}** is the most accurate arm: {_pct(best.accuracy)} ({best.correct}/{best.questions}, "
         f"95% CI {_pct(best.accuracy_low)}-{_pct(best.accuracy_high)})"

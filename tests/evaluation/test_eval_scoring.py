@@ -122,3 +122,9 @@ def test_recommendation_without_adapter_and_with_ties() -> None:
     quicker = [replace(a, latency_s=a.latency_s / 4, source_hit=None) for a in make_answers("base_rag")]
     fast = summarise_arm(ARM_BY_KEY["adapter"], "m", quicker)
     assert recommend([slow, fast], "harbour").startswith("**adapter alone**")
+
+
+def test_no_recommendation_when_nothing_is_right() -> None:
+    wrong = [replace(a, correct=False) for a in make_answers("base")]
+    arm = summarise_arm(ARM_BY_KEY["base"], "m", wrong)
+    assert recommend([arm], "harbour").startswith("No arm answered any question correctly")
