@@ -167,6 +167,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     result["host"]["cpu_threads"] = torch.get_num_threads()
     if not args.skip_e2e:
+        from components.db import migrate
+
+        migrate(settings)  # a fresh state dir has no registry yet
         started_vllm = False
         if not http_ok(f"{settings.vllm_endpoints[0]}/health"):
             say("starting vLLM for the end-to-end run...")
