@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tandem-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install system models demo test lint typecheck pytest up down status clean
+.PHONY: install system models demo test lint typecheck pytest up down status clean bench-peer
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,3 +64,12 @@ $(KFP_VENV)/.installed:
 kfp: kfp-venv
 	$(KFP_VENV)/bin/python infra/kfp/pipelines.py --out build/kfp
 .PHONY: kfp-venv kfp
+
+# LangChain's side of `tandem bench ingest`, in its own venv (it pins an older pgvector); it reuses .venv's
+# torch and sentence-transformers through a .pth line instead of installing them twice.
+bench-peer: $(STAMP)
+	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --disable-pip-version-check 'langchain-postgres==0.0.19' \
+		'langchain-classic>=1.0,<2' 'langchain-text-splitters>=1.0,<2'
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> .venv-bench/lib/python3.11/site-packages/zz_tandem_main.pth

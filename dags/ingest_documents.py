@@ -13,7 +13,7 @@ from airflow.sdk import Asset, Param, dag, task
 
 from components.settings import get_settings
 
-DOCUMENT_INDEX = Asset("tandem://index/documents", name="document_index")
+DOCUMENT_INDEX = Asset(name="document_index", uri="tandem://index/documents")
 _settings = get_settings()
 
 

@@ -31,7 +31,7 @@ from components.models import embedding_model_path
 from components.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-_EMBED_GROUP = 256  # chunks gathered across documents per call into the model
+_EMBED_GROUP = 64  # chunks gathered across documents per call into the model (two batches of 32)
 _DONE = object()
 
 
