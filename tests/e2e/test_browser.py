@@ -46,7 +46,11 @@ def stack(vllm_server: str, pg_url: str) -> Iterator[Any]:
     settings = get_settings()
     wanted = ["gateway", "airflow"]
     started = [s.name for s in manager.status(settings, wanted) if s.state == "down"]
-    manager.up(settings, only=wanted)
+    # Only the run this test triggers: unpausing the DAG must not also start its hourly run of the whole corpus
+    # (max_active_runs=1 would queue ours behind it).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
+        manager.up(settings, only=wanted)
     try:
         yield settings
     finally:
