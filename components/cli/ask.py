@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print(result["answer"].strip())
     tandem = result.get("tandem") or {}
     served = tandem.get("served_model", "?")
-    note = " (adapter failed: base model answered)" if tandem.get("fallback") and tandem.get("alias") else ""
+    note = " (no adapter loaded for this alias: the base model answered)" if tandem.get("fallback") else ""
     print(f"\n-- {served}{note}")
     for c in result["citations"]:
         heading = f" > {c['heading']}" if c.get("heading") else ""
