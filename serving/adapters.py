@@ -268,6 +268,9 @@ class AdapterManager:
         for alias, champ in self.champions.items():
             m.CHAMPION_VERSION.labels(alias=alias).set(champ.version)
             m.FALLBACK_ACTIVE.labels(alias=alias).set(1 if alias in self.failed else 0)
+            for replica in self.pool.replicas:
+                held = champ.served_name in replica.loaded
+                m.CHAMPION_LOADED.labels(alias=alias, replica=replica.url).set(1 if held else 0)
             if alias in self.failed:
                 log.error("alias %s is served by the base model: %s", alias, self.failed[alias])
 

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from components.settings import Settings, get_settings
-from serving import errors
+from serving import errors, eval_metrics, pipeline_metrics
+from serving import metrics as m
 from serving.adapters import AdapterManager
 from serving.db import Database
 from serving.deps import Gateway
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await anyio.to_thread.run_sync(database_url, settings)  # may start the embedded server
         db = Database(url, settings.db_pool_size)
         db.open()
+        # Scrape-time gauges read from Postgres: pipelines (index freshness, registry) and evaluation scores.
+        pipeline_metrics.install(m.REGISTRY, db.pool.connection)
+        eval_metrics.install(m.REGISTRY, settings, db.pool)
         pool = ReplicaPool(settings.vllm_endpoints)
         adapters = AdapterManager(settings, pool, http, db)
         retriever = Retriever(settings, db)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from components.settings import Settings
 
@@ -49,6 +49,21 @@ ARM_GAUGES = (
     ("prompt_tokens_mean", "Mean prompt tokens per question.", "prompt_tokens_mean"),
     ("completion_tokens_mean", "Mean completion tokens per question.", "completion_tokens_mean"),
 )
+
+
+_INSTALLED: dict[int, EvalScoresCollector] = {}
+
+
+def install(registry: CollectorRegistry, settings: Settings, pool: Any = None) -> EvalScoresCollector:
+    """Register the collector on ``registry`` once; a later call (a second app in one process) swaps its pool."""
+    collector = _INSTALLED.get(id(registry))
+    if collector is None:
+        collector = EvalScoresCollector(settings, pool=pool)
+        registry.register(collector)
+        _INSTALLED[id(registry)] = collector
+    else:
+        collector.settings, collector.pool = settings, pool
+    return collector
 
 
 class EvalScoresCollector(Collector):

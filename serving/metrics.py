@@ -190,6 +190,14 @@ CHAMPION_VERSION = Gauge(
     subsystem="adapter",
     registry=REGISTRY,
 )
+CHAMPION_LOADED = Gauge(
+    "champion_loaded",
+    "1 when the replica holds the alias's champion adapter, 0 when it does not (the alert's input).",
+    ["alias", "replica"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
 PROMOTIONS = Counter(
     "promotions",
     "Promotions (and rollbacks) through the gateway, by result.",

@@ -49,6 +49,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print_json(manager.status_json(items))
     else:
         _print_status(items)
+        if any(i.name == "gateway" and i.state == "up" for i in items):
+            print(f"\nPlayground: {settings.gateway_url}/   OpenAI base_url: {settings.gateway_url}/v1")
         airflow = next((i for i in items if i.name == "airflow" and i.state == "up"), None)
         if airflow:
             from components.stack.airflow import admin_login
