@@ -232,6 +232,9 @@ def train_adapter(
         warmup_steps=0,
         logging_steps=1,
         eval_strategy="steps" if has_val else "no",
+        # Only the loss is needed from evaluation; without this the Trainer gathers every eval batch's logits
+        # (batch x seq x 49k vocab floats) in memory, which took a run past 15 GB and into the OOM killer.
+        prediction_loss_only=True,
         eval_steps=eval_steps,
         save_strategy="steps",
         save_steps=eval_steps,
