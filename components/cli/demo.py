@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--question", default=DEMO_QUESTION, help="the question asked of the base model")
     p.add_argument("--domain-question", default=DOMAIN_QUESTION, help="the question asked through the gateway")
     p.add_argument("--train-steps", type=int, default=24, help="optimizer steps for the demo's adapter (0: skip)")
-    p.add_argument("--eval-limit", type=int, default=20, help="held-out questions for the final table (0: skip)")
+    p.add_argument("--eval-limit", type=int, default=10, help="held-out questions for the final table (0: skip)")
     p.add_argument("--down", action="store_true", help="stop the stack when the demo ends")
     p.set_defaults(func=cmd_demo)
 
