@@ -7,6 +7,7 @@ run in this process, so the demo shows exactly what the CLI does.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--question", default=DEMO_QUESTION, help="the question asked of the base model")
     p.add_argument("--domain-question", default=DOMAIN_QUESTION, help="the question asked through the gateway")
     p.add_argument("--train-steps", type=int, default=24, help="optimizer steps for the demo's adapter (0: skip)")
+    p.add_argument("--gate-questions", type=int, default=8, help="questions per gate set for the demo's adapter")
     p.add_argument("--eval-limit", type=int, default=10, help="held-out questions for the final table (0: skip)")
     p.add_argument("--down", action="store_true", help="stop the stack when the demo ends")
     p.set_defaults(func=cmd_demo)
@@ -84,6 +86,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _run(["ask", args.domain_question, "--model", settings.served_model_name])
 
         if args.train_steps > 0:
+            # The demo gates on a few questions per set so it ends in minutes; `tandem train` uses the full sets.
+            if "TANDEM_GATE_MAX_QUESTIONS" not in os.environ:
+                os.environ["TANDEM_GATE_MAX_QUESTIONS"] = str(args.gate_questions)
+                get_settings.cache_clear()
             _step(f"6. train a LoRA adapter for '{settings.default_alias}', gate it against the champion, promote it")
             _run(["train", "--alias", settings.default_alias, "--max-steps", str(args.train_steps)])
             _run(["adapters", "--alias", settings.default_alias])
