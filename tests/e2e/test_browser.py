@@ -94,7 +94,7 @@ def _airflow_password(settings: Any) -> str:
     return str(json.loads(path.read_text())["admin"])
 
 
-def _wait_for_run(base: str, password: str, source: str, timeout_s: float = 240.0) -> dict[str, Any]:
+def _wait_for_run(base: str, password: str, source: str, timeout_s: float = 600.0) -> dict[str, Any]:
     """The ingest_documents run triggered with our source Param, once it has finished (REST API, JWT auth)."""
     token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=10)
     headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
