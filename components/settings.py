@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     train_max_steps: int = 0  # 0: no cap, epochs decide
     train_max_seq_len: int = 512
     train_batch_size: int = 8
+    train_micro_batch_size: int = 2  # examples per forward pass; gradient accumulation makes up train_batch_size
     train_early_stopping_patience: int = 2
     train_heldout_fraction: float = 0.1  # of each alias's examples, for validation loss and again for the gate
     train_seed: int = 0
