@@ -231,6 +231,7 @@ def train_adapter(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=math.ceil(config.batch_size / micro),
         per_device_eval_batch_size=micro,
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: far less padding
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps > 0 else -1,
