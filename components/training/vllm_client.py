@@ -12,7 +12,7 @@ from components.errors import ServiceError
 class VllmClient:
     """A thin client for one vLLM server (OpenAI-compatible API with runtime LoRA updating enabled)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
 
@@ -28,6 +28,12 @@ class VllmClient:
     def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         try:
             return self.http.post(path, json=body)
+        except httpx.TimeoutException as exc:
+            # A busy CPU server queues requests: a timeout means overloaded, not down.
+            raise ServiceError(
+                f"vLLM at {self.base_url} did not answer {path} within {self.http.timeout.read} s; "
+                "lower TANDEM_GATE_CONCURRENCY or retry when the server is less busy"
+            ) from exc
         except httpx.HTTPError as exc:
             raise ServiceError(f"vLLM at {self.base_url} is not reachable ({exc}); start it with `tandem up`") from exc
 
