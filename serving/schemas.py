@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-FilterScalar = str | int | float | bool
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text cannot hold U+0000; say so instead of failing deep in a query.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+Alias = Annotated[str, Field(min_length=1, max_length=63, pattern=ALIAS_PATTERN, description="letters, digits, . _ -")]
+
+FilterScalar = Text | int | float | bool
 FilterValue = FilterScalar | list[FilterScalar]
 
 
@@ -22,7 +35,7 @@ class RagOptions(BaseModel):
 
     rag: bool = Field(True, description="retrieve chunks and ground the answer in them")
     top_k: int | None = Field(None, ge=1, description="chunks to retrieve (default TANDEM_RAG_TOP_K)")
-    filters: dict[str, FilterValue] | None = Field(
+    filters: dict[Text, FilterValue] | None = Field(
         None, description="metadata filters, e.g. {'source': 'policies'}; values are bind parameters"
     )
 
@@ -30,7 +43,7 @@ class RagOptions(BaseModel):
 class ChatCompletionRequest(RagOptions):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=200, description="an alias, a served adapter name or the base model")
+    model: Text = Field(min_length=1, max_length=200, description="an alias, a served adapter name or the base model")
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
@@ -43,15 +56,15 @@ class ChatCompletionRequest(RagOptions):
 
 
 class RetrieveRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=8192)
+    query: Text = Field(min_length=1, max_length=8192)
     top_k: int | None = Field(None, ge=1)
-    filters: dict[str, FilterValue] | None = None
+    filters: dict[Text, FilterValue] | None = None
 
 
 class PromoteRequest(BaseModel):
-    alias: str = Field(min_length=1, max_length=63)
+    alias: Alias
     version: int = Field(ge=1, le=2**31 - 1)
 
 
 class RollbackRequest(BaseModel):
-    alias: str = Field(min_length=1, max_length=63)
+    alias: Alias

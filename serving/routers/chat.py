@@ -26,14 +26,15 @@ _TANDEM_FIELDS = {"rag", "top_k", "filters"}
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user message (text parts joined), or '' when there is none."""
+    """The text of the last user message (text parts joined, NULs dropped: it becomes a Postgres query), or ''."""
     for message in reversed(messages):
         if message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, str):
-                return content
+                return content.replace("\x00", "")
             if isinstance(content, list):
-                return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+                text = " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+                return text.replace("\x00", "")
             return ""
     return ""
 

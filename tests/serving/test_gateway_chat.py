@@ -144,3 +144,26 @@ def test_models_lists_base_and_alias(gateway: Gateway) -> None:
     ids = [m.id for m in _client(gateway).models.list()]
     assert ids[0] == "smollm2-135m"
     assert ALIAS in ids
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/admin/adapters/promote", {"alias": "bad\x00alias", "version": 1}, "alias"),
+        ("/v1/admin/adapters/rollback", {"alias": "../etc"}, "alias"),
+        ("/v1/retrieve", {"query": "lock\x00"}, "query"),
+    ],
+)
+def test_text_postgres_cannot_hold_is_400(gateway: Gateway, path: str, body: dict, param: str) -> None:
+    """Found by schemathesis: a NUL in an alias reached Postgres and came back as a 500."""
+    with gateway.admin() as admin:
+        response = admin.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_nul_in_question_still_answers(gateway: Gateway) -> None:
+    request = {"model": ALIAS, "messages": [{"role": "user", "content": "lock\x00 hours"}], "max_tokens": 4}
+    with gateway.client() as client:
+        response = client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
