@@ -94,10 +94,29 @@ def _airflow_password(settings: Any) -> str:
     return str(json.loads(path.read_text())["admin"])
 
 
+def _auth(base: str, password: str) -> dict[str, str]:
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=10)
+    return {"Authorization": f"Bearer {token.json()['access_token']}"}
+
+
+def _task_logs(base: str, password: str, run_id: str) -> str:
+    """Every try's log of the run's `sync` task, so a failed run says why in the test report."""
+    headers = _auth(base, password)
+    url = f"{base}/api/v2/dags/ingest_documents/dagRuns/{run_id}/taskInstances/sync"
+    try:
+        tries = int(httpx.get(url, headers=headers, timeout=10).json().get("try_number") or 1)
+        parts = []
+        for number in range(1, tries + 1):
+            log = httpx.get(f"{url}/logs/{number}", headers=headers, params={"full_content": True}, timeout=30)
+            parts.append(f"--- try {number} ---\n{log.text[-3000:]}")
+        return "\n".join(parts)
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"(task logs unavailable: {exc})"
+
+
 def _wait_for_run(base: str, password: str, source: str, timeout_s: float = 600.0) -> dict[str, Any]:
     """The ingest_documents run triggered with our source Param, once it has finished (REST API, JWT auth)."""
-    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=10)
-    headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    headers = _auth(base, password)
     deadline = time.monotonic() + timeout_s
     run: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -143,7 +162,9 @@ def test_trigger_ingest_in_airflow_then_ask_the_playground(stack: Any, docs_fold
     page.goto(f"{airflow}/dags/ingest_documents/runs/{run['dag_run_id']}")
     page.get_by_text(run["dag_run_id"]).first.wait_for()
     page.screenshot(path=ARTIFACTS / "03-airflow-run.png", full_page=True)
-    assert run["state"] == "success", f"ingest run failed: {run}"
+    if run["state"] != "success":
+        logs = _task_logs(airflow, password, run["dag_run_id"])
+        pytest.fail(f"ingest run {run['dag_run_id']} {run['state']}:\n{logs}")
     assert run["conf"]["source"] == str(docs_folder)
 
     # 4. The playground: pick a model, ask, get an answer with citations from the ingested documents.
