@@ -110,6 +110,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__API__PORT": str(settings.airflow_port),
         "AIRFLOW__API__HOST": settings.host,
+        # task processes report to the API server's execution API; Airflow assumes port 8080 unless told
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{settings.host}:{settings.airflow_port}/execution/",
         # standalone spawns the `airflow` CLI, so it must be on PATH
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "TANDEM_STATE_DIR": str(settings.state_dir),
