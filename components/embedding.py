@@ -89,6 +89,13 @@ class Embedder:
         return self.encode([text], batch_size=1)[0]
 
 
+def limit_query_threads(settings: Settings) -> None:
+    """Cap torch's intra-op threads for a process that embeds single queries (the gateway, its benchmark)."""
+    import torch
+
+    torch.set_num_threads(settings.query_embed_threads)
+
+
 def get_embedder(settings: Settings | None = None) -> Embedder:
     """The process-wide embedder for the configured model (loaded once, on first use)."""
     settings = settings or get_settings()

@@ -46,8 +46,9 @@ class Retriever:
             self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> Any:
-        from components.embedding import get_embedder
+        from components.embedding import get_embedder, limit_query_threads
 
+        limit_query_threads(self.settings)
         self._embedder = await anyio.to_thread.run_sync(get_embedder, self.settings)
         log.info("embedding model %s loaded", self._embedder.model_id)
         return self._embedder

@@ -102,9 +102,10 @@ async def _overhead_pairs(s: Settings, headers: dict[str, str], n: int) -> dict[
 
 def _embed_retrieve(s: Settings, n: int) -> dict[str, Any]:
     from components.db import connect
-    from components.embedding import get_embedder
+    from components.embedding import get_embedder, limit_query_threads
     from components.retrieval import hybrid_search
 
+    limit_query_threads(s)  # as the gateway does
     embedder = get_embedder(s)
     questions = [QUESTION, "How are berths booked?", "Who handles a diesel spill?", "What is a hot works permit?"]
     embedder.encode_query(questions[0])
