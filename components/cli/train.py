@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from components.cli._output import add_json_flag, print_json, show_progress, table
+from components.cli._output import add_json_flag, print_json, table
 from components.settings import get_settings
 
 
@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _progress_printer() -> Any:
     def show(event: dict[str, Any]) -> None:
+        if "message" in event:
+            print(event["message"], file=sys.stderr, flush=True)
+            return
         where = f"step {event['step']}/{event['max_steps']}  epoch {event['epoch']:.2f}"
         if event.get("eval_loss") is not None:
             print(f"{where}  val_loss {event['eval_loss']:.4f}", file=sys.stderr, flush=True)
@@ -57,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sweep = sweep_points(args.sweep_lr, args.sweep_rank)
     if args.max_steps is not None:
         sweep = [{**point, "max_steps": args.max_steps} for point in sweep]
-    progress = _progress_printer() if show_progress(args.json) else None
+    # one plain line per step, also into logs (make demo, CI): a silent 10-minute CPU run looks hung
+    progress = None if args.json else _progress_printer()
     if not args.json:
         print(f"checking new data for {alias}...", file=sys.stderr, flush=True)
     result = retrain(settings, alias, args.data, args.force, sweep, progress)

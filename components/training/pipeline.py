@@ -257,6 +257,10 @@ def retrain(
     runs = [train_candidate(settings, alias, data, point, progress) for point in (sweep or [{}])]
     best = pick_best(runs)
     candidate = register_candidate(settings, best)
+    if progress is not None:
+        progress({"message": f"{alias} v{candidate['version']} registered; gate: scoring it and the champion"})
     gate = evaluate_gate(settings, alias, candidate["version"], data)
+    if progress is not None:
+        progress({"message": f"gate: {'promote' if gate.get('promote') else 'reject'}"})
     outcome = promote_or_reject(settings, alias, candidate["version"], gate)
     return {"check": check, "trained": True, "candidate": candidate, "training": best, "gate": gate, **outcome}
