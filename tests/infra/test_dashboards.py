@@ -151,17 +151,21 @@ def prometheus(vllm_server: str, pg_url: str) -> Iterator[str]:
     manager.up(settings, only=wanted)
     try:
         gateway = settings.gateway_url
+        url = f"http://{settings.host}:{settings.prometheus_port}"
         with httpx.Client(base_url=gateway, timeout=120.0) as client:
             # Traffic, so labelled histograms and counters have series: plain, streamed, retrieval-only.
             body = {"model": settings.served_model_name, "max_tokens": 4}
             ask = {**body, "messages": [{"role": "user", "content": "When is the harbour office open?"}]}
+            client.post("/v1/chat/completions", json=ask).raise_for_status()
+            # A labelled series is born with its first request; increase() only counts what a scrape saw it grow
+            # by, so let Prometheus see the series once before the rest of the traffic.
+            _wait_for_scrapes(url)
             client.post("/v1/chat/completions", json=ask).raise_for_status()
             with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as resp:
                 resp.raise_for_status()
                 for _ in resp.iter_lines():
                     pass
             client.post("/v1/retrieve", json={"query": "harbour office", "top_k": 3}).raise_for_status()
-        url = f"http://{settings.host}:{settings.prometheus_port}"
         _wait_for_scrapes(url)
         yield url
     finally:
