@@ -30,12 +30,12 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
             content = message.get("content")
+            text = ""
             if isinstance(content, str):
-                return content.replace("\x00", "")
-            if isinstance(content, list):
+                text = content
+            elif isinstance(content, list):
                 text = " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-                return text.replace("\x00", "")
-            return ""
+            return text.replace("\x00", "")
     return ""
 
 
