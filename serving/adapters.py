@@ -288,10 +288,13 @@ class AdapterManager:
                 await asyncio.wait_for(self.wake.wait(), timeout=self.settings.reconcile_interval_s)
 
     # ---- admin --------------------------------------------------------------------------------------------
-    async def promote(self, alias: str, version: int, reason: str = "promoted via the gateway") -> dict[str, Any]:
+    async def promote(
+        self, alias: str, version: int, reason: str = "promoted via the gateway", force: bool = False
+    ) -> dict[str, Any]:
         """Load ``version`` on every healthy replica, warm it, switch the registry and the alias, retire the old.
 
-        Refused (4xx) with nothing changed if the artifact is bad, its rank too high, or any load fails.
+        Refused (4xx) with nothing changed if the artifact is bad, its rank too high, any load fails, or the
+        evaluation gate rejected the version and ``force`` is not set.
         """
         started = time.perf_counter()
         async with self._lock:
@@ -301,6 +304,13 @@ class AdapterManager:
                 raise AdapterError(404, str(exc), "version_not_found") from exc
             if av.status == "failed":
                 raise AdapterError(409, f"adapter {av.served_name} is marked failed ({av.reason})", "version_failed")
+            if av.status == "rejected" and not force:
+                raise AdapterError(
+                    409,
+                    f"adapter {av.served_name} was rejected by the evaluation gate ({av.reason}); "
+                    "send force=true to promote it anyway",
+                    "version_rejected",
+                )
             targets = [r for r in self.pool.replicas if await self._list(r) is not None]
             if not targets:
                 raise AdapterError(503, "no healthy vLLM replica to load the adapter on", "no_replica")

@@ -64,6 +64,8 @@ class RetrieveRequest(BaseModel):
 class PromoteRequest(BaseModel):
     alias: Alias
     version: int = Field(ge=1, le=2**31 - 1)
+    force: bool = Field(False, description="promote a version the evaluation gate rejected (a human override)")
+    reason: str | None = Field(None, max_length=500, description="recorded in the registry with the promotion")
 
 
 class RollbackRequest(BaseModel):

@@ -130,7 +130,7 @@ def new_data_to_serving(settings: Settings, data: str, steps: int) -> dict[str, 
         stages["gate"] = time.monotonic() - t
         t = time.monotonic()
         forced = not gate["promote"]
-        done = promote(settings, ALIAS, cand["version"], reason="bench" + (" (forced past the gate)" if forced else ""))
+        done = promote(settings, ALIAS, cand["version"], reason="bench", force=forced)
         stages["promote"] = time.monotonic() - t
         via, first = _first_answer(settings, ALIAS, cand["served_name"])
         stages["first_answer"] = first

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr = subparsers.add_parser("promote", help="make an adapter version its alias's champion (hot-swapped)")
     pr.add_argument("alias")
     pr.add_argument("version", type=int)
+    pr.add_argument(
+        "--force", action="store_true", help="promote a version the evaluation gate rejected (recorded as an override)"
+    )
     add_json_flag(pr)
     pr.set_defaults(func=cmd_promote)
 
@@ -125,9 +128,12 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    import getpass
+
     from components.training.promotion import promote
 
-    result = promote(get_settings(), args.alias, args.version, reason="promoted by hand")
+    reason = f"promoted by hand by {getpass.getuser()}"
+    result = promote(get_settings(), args.alias, args.version, reason=reason, force=args.force)
     print_json(result.as_dict()) if args.json else print(f"{result.served_name} is champion ({result.note})")
     return 0
 

@@ -17,6 +17,8 @@ from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 
+MAX_REASON = 500  # the gateway's admin API takes at most this many characters
+
 
 @dataclass
 class PromotionResult:
@@ -56,21 +58,29 @@ def _gateway(settings: Settings, path: str, body: dict[str, Any]) -> dict[str, A
     return data
 
 
-def promote(settings: Settings, alias: str, version: int, reason: str | None = None) -> PromotionResult:
-    """Make ``alias`` v``version`` the champion (rank checked first)."""
+def promote(
+    settings: Settings, alias: str, version: int, reason: str | None = None, force: bool = False
+) -> PromotionResult:
+    """Make ``alias`` v``version`` the champion (rank checked first).
+
+    A version the evaluation gate rejected is refused unless ``force`` is set; a forced promotion records the
+    override and the gate's reasons in the registry, so the lineage shows who went past the gate and why.
+    """
     with connect(settings) as conn:
         target = registry.get_version(conn, alias, version)
         check_rank(settings, target)
         if target.status == "champion":
             return PromotionResult(alias, version, target.served_name, "none", "already the champion")
-    if _gateway(settings, "/v1/admin/adapters/promote", {"alias": alias, "version": version}) is not None:
-        if reason:
-            with connect(settings) as conn:
-                conn.execute(
-                    "UPDATE adapter_versions SET reason = %s WHERE alias = %s AND version = %s",
-                    (reason, alias, version),
+        if target.status == "rejected":
+            if not force:
+                raise ConfigError(
+                    f"adapter {alias} v{version} was rejected by the evaluation gate ({target.reason}); "
+                    "pass --force to promote it anyway"
                 )
-                conn.commit()
+            reason = f"{reason or 'promoted'}, overriding the gate's rejection ({target.reason})"
+    reason = reason[:MAX_REASON] if reason else None
+    body = {"alias": alias, "version": version, "force": force, "reason": reason}
+    if _gateway(settings, "/v1/admin/adapters/promote", body) is not None:
         return PromotionResult(alias, version, target.served_name, "gateway", "hot-swapped by the gateway")
     with connect(settings) as conn:
         registry.set_champion(conn, alias, version, reason=reason)

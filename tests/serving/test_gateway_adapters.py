@@ -100,6 +100,36 @@ def test_rank_above_limit_is_refused(gateway: Gateway) -> None:
     assert missing.status_code == 404
 
 
+def test_gate_rejected_version_needs_force_and_the_override_is_recorded(gateway: Gateway) -> None:
+    from components import registry
+    from components.db import connect
+
+    current = next(a for a in gateway.snapshot()["aliases"] if a["alias"] == gateway.alias)["champion_version"]
+    rejected = gateway.register(gateway.adapters.v2)
+    with connect() as conn:
+        registry.set_status(conn, gateway.alias, rejected, "rejected", reason="general knowledge dropped")
+        conn.commit()
+    body = {"alias": gateway.alias, "version": rejected}
+    with gateway.admin() as admin:
+        refused = admin.post("/v1/admin/adapters/promote", json=body)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "version_rejected"
+        assert "general knowledge dropped" in refused.json()["error"]["message"]
+        assert next(a for a in gateway.snapshot()["aliases"] if a["alias"] == gateway.alias)["champion_version"] == (
+            current
+        )
+        forced = admin.post(
+            "/v1/admin/adapters/promote", json={**body, "force": True, "reason": "override by ops\u0000 on call"}
+        )
+        assert forced.status_code == 200, forced.text
+        assert admin.post(
+            "/v1/admin/adapters/promote", json={"alias": gateway.alias, "version": current}
+        ).is_success  # leave the usual champion in place for the tests after this one
+    with connect() as conn:
+        row = registry.get_version(conn, gateway.alias, rejected)
+    assert row.reason == "override by ops on call" and row.promoted_at is not None
+
+
 def test_rollback_returns_to_previous_champion(gateway: Gateway) -> None:
     v1, v2 = gateway.versions["v1"], gateway.versions["v2"]
     with gateway.admin() as admin:

@@ -34,8 +34,12 @@ def champion(train_env: Path, pg_url: str, vllm_server: str) -> registry.Adapter
     assert {"qa", "general", "main"} <= set(gate["candidate"])
     version = result["candidate"]["version"]
     if not result["promoted"]:  # two steps rarely beat the base model; promote by hand like `tandem promote`
-        done = promotion.promote(settings, ALIAS, version, reason="test")
+        with pytest.raises(ConfigError, match=r"rejected by the evaluation gate .* pass --force"):
+            promotion.promote(settings, ALIAS, version, reason="test")
+        done = promotion.promote(settings, ALIAS, version, reason="test", force=True)
         assert done.via in ("registry", "gateway")
+        with connect() as conn:
+            assert "test, overriding the gate's rejection" in (registry.get_version(conn, ALIAS, version).reason or "")
     with connect() as conn:
         champ = registry.get_champion(conn, ALIAS)
     assert champ is not None and champ.version == version
@@ -111,6 +115,10 @@ def test_corrupted_candidate_is_rejected_and_champion_keeps_serving(
     with connect() as conn:
         row = registry.get_version(conn, ALIAS, worse.version)
         assert row.status == "rejected" and row.reason and row.metrics["gate"]["reasons"]
+        assert registry.get_champion(conn, ALIAS).version == champion.version  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=f"v{worse.version} was rejected by the evaluation gate"):
+        promotion.promote(settings, ALIAS, worse.version)  # `tandem promote` without --force
+    with connect() as conn:
         assert registry.get_champion(conn, ALIAS).version == champion.version  # type: ignore[union-attr]
     with VllmClient(settings.vllm_endpoints[0]) as client:
         models = client.models()
