@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
     min_new_examples: int = 20
     general_set: str = "data/sample/general/general_knowledge.jsonl"
+    # General examples mixed into every training run (rehearsal), so the adapter keeps general knowledge; they
+    # only ever go into the training split. Empty: none. It must not be the gate's general_set.
+    train_replay_data: str = "data/sample/general/replay.jsonl"
     gate_tolerance: float = 0.02  # main score may drop by at most this much
     gate_general_tolerance: float = 0.05  # general-knowledge accuracy may drop by at most this much
     gate_max_questions: int = 40  # per evaluation set

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,13 @@ def train_candidate(
     ds = _load(settings, alias, data)
     split = split_dataset(ds.examples, settings.train_heldout_fraction)
     config = TrainConfig.from_settings(settings, **(overrides or {}))
-    run_id = f"{ds.version}-{config.fingerprint()}"
+    replay = load_replay(settings, exclude=ds.digests)
+    run_id = f"{ds.version}-{config.fingerprint()}" + (f"-r{replay.version[:6]}" if replay else "")
     folder = run_dir(settings, alias, run_id)
     folder.mkdir(parents=True, exist_ok=True)
     result = train_adapter(
         base_model_path(settings),
-        [e.as_messages() for e in split.train],
+        [e.as_messages() for e in [*split.train, *(replay.examples if replay else [])]],
         [e.as_messages() for e in split.validation],
         config,
         folder,
@@ -125,7 +127,28 @@ def train_candidate(
         "dataset_version": ds.version,
         "dataset_size": len(ds.examples),
         "n_test": len(split.test),
+        "replay": {"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
+        if replay
+        else None,
     }
+
+
+def load_replay(settings: Settings, exclude: Iterable[str] = ()) -> Dataset | None:
+    """The general examples mixed into training (settings.train_replay_data), minus any also in ``exclude``."""
+    location = settings.train_replay_data.strip()
+    if not location:
+        return None
+    if Path(location).resolve() == Path(settings.general_set).resolve():
+        raise ConfigError(
+            f"train_replay_data is the gate's general-knowledge set ({location}); expected a different file, "
+            "or the gate would score questions the adapter was trained on"
+        )
+    replay = load_dataset(location)
+    if replay.problems:
+        raise ConfigError(f"train_replay_data {location}: {replay.problems[0]}")
+    skip = set(exclude)
+    replay.examples = [e for e in replay.examples if e.digest not in skip]
+    return replay
 
 
 def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,7 +195,7 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
             )
         }
     }
-    hyper = {**trained["config"], "sweep": trained.get("sweep", [])}
+    hyper = {**trained["config"], "sweep": trained.get("sweep", []), "replay": trained.get("replay")}
     with connect(settings) as conn:
         version = registry.register_candidate(
             conn,

@@ -67,3 +67,21 @@ def test_missing_or_empty_data_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="no valid examples"):
         load_dataset(str(tmp_path / "bad.jsonl"))
+
+
+def test_replay_set_goes_to_training_only_and_never_is_the_gate_set(tmp_path: Path) -> None:
+    from components.settings import Settings
+    from components.training.pipeline import load_replay
+
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"id": "g1", "question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    replay = write_examples(tmp_path / "replay", FACTS[:3])
+    domain = load_dataset(str(write_examples(tmp_path / "domain", FACTS[2:5])))
+    settings = Settings(general_set=str(general), train_replay_data=str(replay))
+
+    mixed = load_replay(settings, exclude=domain.digests)
+    assert mixed is not None and len(mixed.examples) == 2  # FACTS[2] is domain data already: not added twice
+    assert not {e.digest for e in mixed.examples} & domain.digests
+    assert load_replay(settings.model_copy(update={"train_replay_data": ""})) is None
+    with pytest.raises(ConfigError, match="is the gate's general-knowledge set"):
+        load_replay(settings.model_copy(update={"train_replay_data": str(general)}))
