@@ -92,6 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"promoted {result['served_name']} via {result['via']}: {result['reason']}")
     else:
         print(f"rejected: {result['reason']}")
+        for name, lost in gate.get("regressions", {}).items():
+            for q in lost[:3]:
+                expected, got = q["reference"][:40], q["candidate"][:80]
+                print(f"  lost on {name}: {q['question'][:80]!r} expected {expected!r}, got {got!r}")
+        print(f"override by hand only with: tandem promote {alias} {result['version']} --force")
     return 0
 
 

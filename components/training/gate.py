@@ -55,6 +55,8 @@ class GateResult:
     baseline_model: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Per set, a few questions the baseline got right and the candidate got wrong: why a candidate lost.
+    regressions: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +164,25 @@ def score_model(
             scores[name] = round(sum(hits) / len(hits), 4)
     scores["main"] = round(main_score(scores), 4)
     return scores, answers
+
+
+def regressions(
+    sets: dict[str, list[Question]],
+    candidate: dict[str, list[str]],
+    baseline: dict[str, list[str]],
+    limit: int = 5,
+) -> dict[str, list[dict[str, str]]]:
+    """Up to ``limit`` questions per set that the baseline answered right and the candidate wrong."""
+    found: dict[str, list[dict[str, str]]] = {}
+    for name, questions in sets.items():
+        lost = [
+            {"question": str(q.messages[-1]["content"])[:300], "reference": q.reference[:300], "candidate": c[:300]}
+            for q, c, b in zip(questions, candidate.get(name, []), baseline.get(name, []), strict=False)
+            if reference_hit(b, q.reference, q.short) and not reference_hit(c, q.reference, q.short)
+        ]
+        if lost:
+            found[name] = lost[:limit]
+    return found
 
 
 def make_retriever(settings: Settings, conn: Any) -> Callable[[str], Sequence[Any]] | None:

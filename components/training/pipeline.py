@@ -20,7 +20,14 @@ from components.errors import ConfigError
 from components.settings import Settings
 from components.training import artifacts
 from components.training.data import Dataset, data_location, load_dataset, split_dataset
-from components.training.gate import GateResult, build_question_sets, decide, make_retriever, score_model
+from components.training.gate import (
+    GateResult,
+    build_question_sets,
+    decide,
+    make_retriever,
+    regressions,
+    score_model,
+)
 from components.training.lora import ProgressFn, TrainConfig, train_adapter
 from components.training.promotion import promote
 from components.training.vllm_client import VllmClient
@@ -235,11 +242,18 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
         else:
             baseline_model = settings.served_model_name
         args = (sets, settings.gate_max_tokens, settings.gate_concurrency)
-        cand_scores, _ = score_model(client, cand.served_name, *args)
-        base_scores, _ = score_model(client, baseline_model, *args)
+        cand_scores, cand_answers = score_model(client, cand.served_name, *args)
+        base_scores, base_answers = score_model(client, baseline_model, *args)
         ok, reasons = decide(cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance)
         result = GateResult(
-            ok, reasons, cand_scores, base_scores, baseline_model, {k: len(v) for k, v in sets.items()}, notes
+            ok,
+            reasons,
+            cand_scores,
+            base_scores,
+            baseline_model,
+            {k: len(v) for k, v in sets.items()},
+            notes,
+            regressions(sets, cand_answers, base_answers),
         )
         if not ok:
             client.unload_adapter(cand.served_name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components.training.gate import decide, key_words, main_score, reference_hit
+from components.training.gate import Question, decide, key_words, main_score, reference_hit, regressions
 from components.training.pipeline import pick_best, sweep_points
 
 
@@ -41,3 +41,14 @@ def test_sweep_points_and_pick_best_by_validation_loss() -> None:
     ]
     best = pick_best(runs)
     assert best["run_id"] == "b" and [s["run_id"] for s in best["sweep"]] == ["a", "b", "c"]
+
+
+def test_regressions_list_what_the_candidate_lost_and_nothing_else() -> None:
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    sets = {"general": [Question(ask, "Paris", True), Question(ask, "Tokyo", True)], "qa": [Question(ask, "x", True)]}
+    baseline = {"general": ["It is Paris.", "Kyoto"], "qa": ["no"]}
+    candidate = {"general": ["The DON form.", "Tokyo"], "qa": ["no"]}
+    found = regressions(sets, candidate, baseline)
+    assert found == {
+        "general": [{"question": "What is the capital of France?", "reference": "Paris", "candidate": "The DON form."}]
+    }
