@@ -53,6 +53,7 @@ class GateResult:
     candidate: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
     baseline_model: str = ""
+    base_general: float | None = None  # the base model's general-knowledge score, when the baseline is a champion
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # Per set, a few questions the baseline got right and the candidate got wrong: why a candidate lost.
@@ -86,9 +87,18 @@ def main_score(scores: dict[str, float]) -> float:
 
 
 def decide(
-    candidate: dict[str, float], baseline: dict[str, float], tolerance: float, general_tolerance: float
+    candidate: dict[str, float],
+    baseline: dict[str, float],
+    tolerance: float,
+    general_tolerance: float,
+    base_general: float | None = None,
 ) -> tuple[bool, list[str]]:
-    """The promotion rule on two score sheets; returns (promote, reasons)."""
+    """The promotion rule on two score sheets; returns (promote, reasons).
+
+    General knowledge is held against the champion and, when given, the base model's own score
+    (``base_general``), whichever is higher: against the champion alone, each generation could lose a little
+    more than the last.
+    """
     reasons = []
     c_main, b_main = main_score(candidate), main_score(baseline)
     if c_main < b_main - tolerance:
@@ -96,11 +106,16 @@ def decide(
     better = [k for k in DOMAIN_SETS if k in candidate and candidate[k] > baseline.get(k, 0.0)]
     if not better:
         reasons.append("better than the champion on no domain score")
-    if "general" in candidate and candidate["general"] < baseline.get("general", 0.0) - general_tolerance:
-        reasons.append(
-            f"general knowledge dropped from {baseline['general']:.3f} to {candidate['general']:.3f} "
-            f"(more than {general_tolerance})"
-        )
+    if "general" in candidate:
+        refs = {"the champion": baseline.get("general", 0.0)}
+        if base_general is not None:
+            refs["the base model"] = base_general
+        whose, ref = max(refs.items(), key=lambda kv: kv[1])
+        if candidate["general"] < ref - general_tolerance:
+            reasons.append(
+                f"general knowledge dropped from {ref:.3f} ({whose}) to {candidate['general']:.3f} "
+                f"(more than {general_tolerance})"
+            )
     if not reasons:
         reasons.append(f"main score {c_main:.3f} vs {b_main:.3f}; better on {', '.join(better)}")
         return True, reasons

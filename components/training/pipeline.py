@@ -244,13 +244,21 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
         args = (sets, settings.gate_max_tokens, settings.gate_concurrency)
         cand_scores, cand_answers = score_model(client, cand.served_name, *args)
         base_scores, base_answers = score_model(client, baseline_model, *args)
-        ok, reasons = decide(cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance)
+        base_general = None
+        if baseline_model != settings.served_model_name and "general" in sets:  # the base model anchors it
+            base_general = score_model(client, settings.served_model_name, {"general": sets["general"]}, *args[1:])[0][
+                "general"
+            ]
+        ok, reasons = decide(
+            cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance, base_general
+        )
         result = GateResult(
             ok,
             reasons,
             cand_scores,
             base_scores,
             baseline_model,
+            base_general,
             {k: len(v) for k, v in sets.items()},
             notes,
             regressions(sets, cand_answers, base_answers),

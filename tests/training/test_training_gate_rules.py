@@ -30,6 +30,17 @@ def test_decide_promotes_only_when_not_worse_and_better_somewhere() -> None:
     assert main_score({"split": 0.5, "qa_rag": 1.0, "general": 0.0}) == 0.75
 
 
+def test_general_knowledge_is_held_against_the_base_model_too() -> None:
+    """A champion that already lost some general knowledge does not lower the bar for the next candidate."""
+    champion = {"qa": 0.4, "general": 0.85}
+    candidate = {"qa": 0.5, "general": 0.85}
+    assert decide(candidate, champion, 0.02, 0.05)[0]  # against the champion alone: passes
+    ok, reasons = decide(candidate, champion, 0.02, 0.05, base_general=0.95)
+    assert not ok and reasons == ["general knowledge dropped from 0.950 (the base model) to 0.850 (more than 0.05)"]
+    ok, _ = decide({"qa": 0.5, "general": 0.9}, champion, 0.02, 0.05, base_general=0.95)
+    assert ok  # within the tolerance of the base model
+
+
 def test_sweep_points_and_pick_best_by_validation_loss() -> None:
     assert sweep_points() == [{}]
     points = sweep_points([1e-4, 2e-4], [8])
