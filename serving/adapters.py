@@ -178,8 +178,10 @@ class AdapterManager:
         replica.set_loaded(names)
         return names
 
-    async def _load(self, replica: Replica, av: registry.AdapterVersion) -> None:
-        """Check, load and warm one version on one replica; AdapterError (nothing left loaded) if any step fails."""
+    async def _load(self, replica: Replica, av: registry.AdapterVersion) -> tuple[float, float]:
+        """Check, load and warm one version on one replica; AdapterError (nothing left loaded) if any step fails.
+
+        Returns the seconds spent loading and warming."""
         name = av.served_name
         started = time.perf_counter()
         try:
@@ -192,6 +194,7 @@ class AdapterManager:
             if r.status_code >= 400 and "already" not in r.text.lower():
                 raise AdapterError(422, f"vLLM at {replica.url} refused adapter {name}: {_detail(r)}", "load_failed")
             replica.loaded.add(name)
+            loaded_at = time.perf_counter()
             warm = await self.http.post(
                 f"{replica.url}/v1/chat/completions",
                 json={"model": name, "messages": _WARM_MESSAGES, "max_tokens": 1},
@@ -213,6 +216,7 @@ class AdapterManager:
         m.ADAPTER_LOAD_LATENCY.labels(alias=av.alias).observe(time.perf_counter() - started)
         replica.set_loaded(replica.loaded)
         log.info("loaded adapter %s on %s", name, replica.url)
+        return loaded_at - started, time.perf_counter() - loaded_at
 
     async def _unload(self, replica: Replica, name: str) -> None:
         try:
@@ -297,7 +301,9 @@ class AdapterManager:
         evaluation gate rejected the version and ``force`` is not set.
         """
         started = time.perf_counter()
+        stages = {"lock": 0.0, "load": 0.0, "warm": 0.0, "registry": 0.0}
         async with self._lock:
+            stages["lock"] = time.perf_counter() - started
             try:
                 av = await self.db.run(registry.get_version, alias, version)
             except ConfigError as exc:
@@ -319,10 +325,14 @@ class AdapterManager:
             try:
                 for replica in targets:
                     was_loaded = name in replica.loaded
-                    await self._load(replica, av)
+                    load_s, warm_s = await self._load(replica, av)
+                    stages["load"] += load_s
+                    stages["warm"] += warm_s
                     if not was_loaded:
                         fresh.append(replica)
+                switched = time.perf_counter()
                 await self.db.run(registry.set_champion, alias, version, reason)
+                stages["registry"] = time.perf_counter() - switched
             except Exception as exc:
                 for replica in fresh:
                     await self._unload(replica, name)
@@ -350,6 +360,7 @@ class AdapterManager:
             "previous_version": previous.version if previous else None,
             "replicas": [r.url for r in targets],
             "seconds": round(seconds, 4),
+            "stages_s": {k: round(v, 4) for k, v in stages.items()},
         }
 
     async def rollback(self, alias: str) -> dict[str, Any]:

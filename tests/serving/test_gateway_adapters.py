@@ -57,6 +57,7 @@ def test_promotion_under_load_loses_nothing(gateway: Gateway) -> None:
         promoted_at.append(time.monotonic())
         assert response.status_code == 200, response.text
         assert response.json()["previous_version"] == v1
+        assert set(response.json()["stages_s"]) == {"lock", "load", "warm", "registry"}
         after = len(results)
         while len(results) < after + 8 and not errors:
             time.sleep(0.05)
