@@ -92,6 +92,7 @@ def decide(
     tolerance: float,
     general_tolerance: float,
     base_general: float | None = None,
+    baseline_name: str = "the champion",
 ) -> tuple[bool, list[str]]:
     """The promotion rule on two score sheets; returns (promote, reasons).
 
@@ -102,12 +103,12 @@ def decide(
     reasons = []
     c_main, b_main = main_score(candidate), main_score(baseline)
     if c_main < b_main - tolerance:
-        reasons.append(f"main score {c_main:.3f} is below the champion's {b_main:.3f} by more than {tolerance}")
+        reasons.append(f"main score {c_main:.3f} is below {baseline_name}'s {b_main:.3f} by more than {tolerance}")
     better = [k for k in DOMAIN_SETS if k in candidate and candidate[k] > baseline.get(k, 0.0)]
     if not better:
-        reasons.append("better than the champion on no domain score")
+        reasons.append(f"better than {baseline_name} on no domain score")
     if "general" in candidate:
-        refs = {"the champion": baseline.get("general", 0.0)}
+        refs = {baseline_name: baseline.get("general", 0.0)}
         if base_general is not None:
             refs["the base model"] = base_general
         whose, ref = max(refs.items(), key=lambda kv: kv[1])

@@ -249,8 +249,9 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             base_general = score_model(client, settings.served_model_name, {"general": sets["general"]}, *args[1:])[0][
                 "general"
             ]
+        against = "the base model" if baseline_model == settings.served_model_name else "the champion"
         ok, reasons = decide(
-            cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance, base_general
+            cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance, base_general, against
         )
         result = GateResult(
             ok,

@@ -39,6 +39,12 @@ def test_general_knowledge_is_held_against_the_base_model_too() -> None:
     assert not ok and reasons == ["general knowledge dropped from 0.950 (the base model) to 0.850 (more than 0.05)"]
     ok, _ = decide({"qa": 0.5, "general": 0.9}, champion, 0.02, 0.05, base_general=0.95)
     assert ok  # within the tolerance of the base model
+    ok, reasons = decide({"qa": 0.3, "general": 0.8}, {"qa": 0.4, "general": 0.95}, 0.02, 0.05, None, "the base model")
+    assert reasons == [
+        "main score 0.300 is below the base model's 0.400 by more than 0.02",
+        "better than the base model on no domain score",
+        "general knowledge dropped from 0.950 (the base model) to 0.800 (more than 0.05)",
+    ]
 
 
 def test_sweep_points_and_pick_best_by_validation_loss() -> None:
