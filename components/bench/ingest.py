@@ -192,25 +192,16 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
 
 def _embed_texts(folder: Path, settings: Any) -> list[str]:
     """What the model sees for every chunk of the corpus: the same loader and chunker as the sync."""
-    from components.ingest.chunking import chunk_text, load_tokenizer
+    from components.ingest.chunking import load_tokenizer
     from components.ingest.loaders import load_document
+    from components.ingest.sync import chunk_document
     from components.models import embedding_model_path
 
     tokenizer = load_tokenizer(embedding_model_path(settings))
     texts = []
     for path in sorted(folder.rglob("*.md")):
         doc = load_document(str(path), path.read_bytes())
-        texts += [
-            c.embed_text
-            for c in chunk_text(
-                doc.text,
-                tokenizer=tokenizer,
-                max_tokens=settings.ingest_chunk_tokens,
-                overlap=settings.ingest_chunk_overlap,
-                title=doc.title,
-                body_start=doc.body_start,
-            )
-        ]
+        texts += [c.embed_text for c in chunk_document(doc, tokenizer, settings)]
     return texts
 
 

@@ -25,7 +25,7 @@ from components.embedding import Embedder, configured_model_id, get_embedder, mo
 from components.errors import ServiceError
 from components.ingest import store
 from components.ingest.chunking import Chunk, chunk_text, chunking_signature, load_tokenizer
-from components.ingest.loaders import BadDocument, load_document
+from components.ingest.loaders import BadDocument, LoadedDocument, load_document
 from components.ingest.sources import Source, SourceFile
 from components.models import embedding_model_path
 from components.settings import Settings, get_settings
@@ -238,14 +238,7 @@ class _Run:
                     self._tick()
                     continue
                 doc = load_document(file.path, data)
-                chunks = chunk_text(
-                    doc.text,
-                    tokenizer=tokenizer,
-                    max_tokens=self.settings.ingest_chunk_tokens,
-                    overlap=self.settings.ingest_chunk_overlap,
-                    title=doc.title,
-                    body_start=doc.body_start,
-                )
+                chunks = chunk_document(doc, tokenizer, self.settings)
                 if not chunks:
                     raise BadDocument("no text content")
                 item: Any = _Prepared(file, known is None or known.doc_id is None, digest, doc.title, doc.metadata,
@@ -339,6 +332,18 @@ class _Run:
                 self.report.updated += 1
             self.report.chunks_written += len(item.chunks)
         self._tick()
+
+
+def chunk_document(doc: LoadedDocument, tokenizer: Any, settings: Settings) -> list[Chunk]:
+    """A loaded document's chunks with the configured token budget and overlap (what the sync embeds)."""
+    return chunk_text(
+        doc.text,
+        tokenizer=tokenizer,
+        max_tokens=settings.ingest_chunk_tokens,
+        overlap=settings.ingest_chunk_overlap,
+        title=doc.title,
+        body_start=doc.body_start,
+    )
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:

@@ -244,12 +244,12 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
         args = (sets, settings.gate_max_tokens, settings.gate_concurrency)
         cand_scores, cand_answers = score_model(client, cand.served_name, *args)
         base_scores, base_answers = score_model(client, baseline_model, *args)
+        against_base = baseline_model == settings.served_model_name
         base_general = None
-        if baseline_model != settings.served_model_name and "general" in sets:  # the base model anchors it
-            base_general = score_model(client, settings.served_model_name, {"general": sets["general"]}, *args[1:])[0][
-                "general"
-            ]
-        against = "the base model" if baseline_model == settings.served_model_name else "the champion"
+        if not against_base and "general" in sets:  # the base model anchors general knowledge
+            general_only = {"general": sets["general"]}
+            base_general = score_model(client, settings.served_model_name, general_only, *args[1:])[0]["general"]
+        against = "the base model" if against_base else "the champion"
         ok, reasons = decide(
             cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance, base_general, against
         )
