@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -171,8 +172,18 @@ def test_compose_file_is_valid_and_wires_one_gpu_host() -> None:
 
 
 def test_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None:
+    """Compose names the first missing secret it meets, in no fixed order: with none set, one of them; with all
+    but POSTGRES_PASSWORD set, that one."""
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", COMPOSE.read_text()))
+    assert "POSTGRES_PASSWORD" in required
     empty = tmp_path / "empty.env"
     empty.write_text("")
     result = _compose_config("--env-file", str(empty))
+    assert result.returncode != 0
+    named = re.search(r"required variable ([A-Z_]+) is missing a value: set \1 in infra/compose/.env", result.stderr)
+    assert named and named.group(1) in required, result.stderr
+    partial = tmp_path / "partial.env"
+    partial.write_text("".join(f"{name}=set-by-test\n" for name in sorted(required - {"POSTGRES_PASSWORD"})))
+    result = _compose_config("--env-file", str(partial))
     assert result.returncode != 0
     assert "POSTGRES_PASSWORD" in result.stderr
