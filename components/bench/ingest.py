@@ -136,7 +136,7 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
             "phase": phase, "seconds": report.seconds, "chunks_embedded": report.chunks_embedded,
             "model_seconds": round(embedder.model_seconds - before, 3), "chunks_written": report.chunks_written,
             "added": report.added, "updated": report.updated, "deleted": report.deleted,
-            "unchanged": report.unchanged,
+            "unchanged": report.unchanged, "index_build_seconds": report.index_build_seconds,
         })  # fmt: skip
         print(f"tandem {phase}: {ours[-1]}", file=sys.stderr, flush=True)
 
@@ -218,10 +218,17 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
         return {**p, "overhead_s": round(p["seconds"] - p["model_seconds"], 3), "chunks": chunks}
 
     t_init = per(r["tandem"], "initial")
+    build_s = t_init.get("index_build_seconds", 0.0)
     s: dict[str, Any] = {
         "tandem_initial_chunks_per_s": round(t_init["chunks_embedded"] / t_init["seconds"], 2),
         "tandem_initial_vs_raw": round(t_init["chunks_embedded"] / t_init["seconds"] / r["raw_model_chunks_per_s"], 3),
         "tandem_overhead_ms_per_chunk": round(1000 * t_init["overhead_s"] / max(1, t_init["chunks_embedded"]), 3),
+        # The first fill builds the HNSW index once at the end (LangChain's PGVector keeps no ANN index at all);
+        # shown apart so the comparable part of the overhead stays visible. The target counts all of it.
+        "tandem_index_build_s": build_s,
+        "tandem_overhead_ms_per_chunk_without_index_build": round(
+            1000 * (t_init["overhead_s"] - build_s) / max(1, t_init["chunks_embedded"]), 3
+        ),
         "tandem_unchanged_s": per(r["tandem"], "unchanged")["seconds"],
         "tandem_unchanged_reembedded": per(r["tandem"], "unchanged")["chunks_embedded"],
         "tandem_deleted_chunks_left": r["tandem"]["deleted_chunks_left"],

@@ -61,6 +61,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(table(rows, ["", report.source]))
     for failure in report.failures:
         print(f"failed: {failure['path']}: {failure['reason']}", file=sys.stderr)
+    if report.index_build_seconds:
+        print(f"HNSW index built in {report.index_build_seconds:.1f} s after this first fill", file=sys.stderr)
     if report.activated:
         print(f"index now serves {report.model_id} (generation {report.generation})", file=sys.stderr)
     return 1 if report.failed else 0

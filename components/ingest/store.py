@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,12 +67,57 @@ def ensure_hnsw_index(conn: psycopg.Connection, dim: int) -> None:
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON chunks USING hnsw ((embedding::vector({})) vector_cosine_ops) "
             "WHERE dim = {}"
-        ).format(sql.Identifier(f"chunks_embedding_hnsw_{int(dim)}"), sql.Literal(int(dim)), sql.Literal(int(dim)))
+        ).format(sql.Identifier(_hnsw_name(dim)), sql.Literal(int(dim)), sql.Literal(int(dim)))
     )
 
 
+def _hnsw_name(dim: int) -> str:
+    return f"chunks_embedding_hnsw_{int(dim)}"
+
+
+def prepare_hnsw_index(conn: psycopg.Connection, generation: Generation) -> bool:
+    """Before a run writes into `generation`: make sure its dimension's HNSW index exists, unless the index
+    would only cover this generation while it is still being built; then drop it and return True (deferred).
+
+    A building generation is not read by anyone (retrieval reads the active one), and inserting thousands of
+    vectors one transaction at a time into an HNSW graph costs several times the CPU of one bulk build. So a
+    first fill (initial ingest, a model switch to a new dimension) writes without the index and the caller
+    builds it once with build_hnsw_index; activate_if_complete builds it too if it is still missing, so no
+    generation goes live without it. A crash in between only leaves the index for a later run to build.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_NAMESPACE,))
+        row = conn.execute(
+            """SELECT g.status = 'building' AND NOT EXISTS (
+                   SELECT 1 FROM chunks c WHERE c.dim = g.dim AND c.generation_id <> g.id)
+                 FROM embedding_generations g WHERE g.id = %s""",
+            (generation.id,),
+        ).fetchone()
+        if not (row and row[0]):
+            ensure_hnsw_index(conn, generation.dim)
+            return False
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(_hnsw_name(generation.dim))))
+    return True
+
+
+def build_hnsw_index(conn: psycopg.Connection, dim: int) -> float:
+    """Build the HNSW index of this dimension in one pass (after a deferred fill); returns the seconds taken."""
+    started = time.perf_counter()
+    with conn.transaction():
+        _build_hnsw_index(conn, dim)
+    return time.perf_counter() - started
+
+
+def _build_hnsw_index(conn: psycopg.Connection, dim: int) -> None:
+    # Enough memory for the graph to be built in memory (pgvector slows down and warns otherwise).
+    conn.execute("SELECT set_config('maintenance_work_mem', '256MB', true)")
+    ensure_hnsw_index(conn, dim)
+
+
 def ensure_generation(conn: psycopg.Connection, model_id: str, dim: int) -> Generation:
-    """The generation of this model, created as 'building' (or 'active' if none is active yet is decided later)."""
+    """The generation of this model, created as 'building' (activate_if_complete makes it 'active').
+
+    Its HNSW index is the caller's business: prepare_hnsw_index creates or defers it."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_NAMESPACE,))
         row = conn.execute(
@@ -90,7 +136,6 @@ def ensure_generation(conn: psycopg.Connection, model_id: str, dim: int) -> Gene
                 "RETURNING id, model_id, dim, status",
                 (row[0],),
             ).fetchone()
-        ensure_hnsw_index(conn, dim)
     assert row is not None
     return Generation(*row)
 
@@ -237,6 +282,7 @@ def activate_if_complete(conn: psycopg.Connection, generation: Generation) -> bo
         ).fetchone()
         if missing and missing[0]:
             return False
+        _build_hnsw_index(conn, generation.dim)  # a no-op unless a deferred build never happened
         conn.execute(
             "UPDATE embedding_generations SET status = 'retired' WHERE status = 'active'",
         )

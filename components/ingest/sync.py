@@ -53,6 +53,7 @@ class SyncReport:
     seconds: float = 0.0
     model_seconds: float = 0.0
     activated: bool = False
+    index_build_seconds: float = 0.0  # a first fill writes without the HNSW index and builds it once at the end
     run_id: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     deleted_paths: list[str] = field(default_factory=list)
@@ -116,7 +117,10 @@ def sync_documents(
         reuse = not force and store.generation_has_chunks(conn, generation.id)
         model_before = embedder.model_seconds if embedder else 0.0
         run = _Run(settings, src, generation, chunking, conn, report, progress, len(files))
+        deferred = store.prepare_hnsw_index(conn, generation)
         run.execute(files, state, force=force, reuse=reuse, embedder=embedder)
+        if deferred:
+            report.index_build_seconds = round(store.build_hnsw_index(conn, dim), 3)
         report.deleted_paths = store.delete_missing(conn, src.name, [f.path for f in files])
         report.deleted = len(report.deleted_paths)
         report.activated = store.activate_if_complete(conn, generation)

@@ -50,6 +50,12 @@ def _assert_whole(settings: Settings) -> None:
     assert orphans == (0,)
 
 
+def _hnsw_index_exists(settings: Settings) -> bool:
+    with connect(settings) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'chunks_embedding_hnsw_384'").fetchone()
+    return row == (1,)
+
+
 def test_first_ingest_then_rerun_embeds_nothing(
     ingest_db: Settings, corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,6 +63,8 @@ def test_first_ingest_then_rerun_embeds_nothing(
     assert (first.added, first.updated, first.unchanged, first.failed) == (4, 0, 0, 0)
     assert first.chunks_embedded > 0 and first.chunks_written >= first.chunks_embedded
     assert first.activated  # the first generation goes live when complete
+    # A first fill writes without HNSW upkeep and builds the index once, before the generation goes live.
+    assert first.index_build_seconds > 0 and _hnsw_index_exists(ingest_db)
     stored = _chunks_by_path(ingest_db)
     assert sorted(stored) == ["about/history.txt", "faq/fees.html", "procedures/berth-booking.md",
                               "procedures/hot-works.md"]  # fmt: skip
@@ -80,6 +88,7 @@ def test_first_ingest_then_rerun_embeds_nothing(
     monkeypatch.setattr(sync, "get_embedder", no_model)
     again = sync_documents(str(corpus), settings=ingest_db)
     assert (again.added, again.updated, again.unchanged, again.deleted, again.chunks_embedded) == (0, 0, 4, 0, 0)
+    assert again.index_build_seconds == 0 and _hnsw_index_exists(ingest_db)  # a live index is never dropped
     assert _chunks_by_path(ingest_db) == stored
 
 
@@ -129,10 +138,12 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
     with connect(ingest_db) as conn:
         written = conn.execute("SELECT count(*) FROM document_generations").fetchone()
     assert written == (5,)
+    assert not _hnsw_index_exists(ingest_db)  # the first fill broke off before its one index build
 
     monkeypatch.setattr(store, "write_document", real_write)
     rerun = sync_documents(str(root), settings=ingest_db)
     assert (rerun.added, rerun.unchanged, rerun.failed) == (7, 5, 0)
+    assert rerun.activated and rerun.index_build_seconds > 0 and _hnsw_index_exists(ingest_db)
     stored = _chunks_by_path(ingest_db)
     assert len(stored) == 12 and all(len(chunks) == 2 for chunks in stored.values())
     _assert_whole(ingest_db)

@@ -75,6 +75,7 @@ def test_model_change_builds_beside_and_switches_atomically(
     monkeypatch.setattr(store, "write_document", real_write)
     report = sync_documents(str(corpus), settings=ingest_db, embedder=new_model)
     assert report.activated and report.unchanged == 2 and report.updated == 2
+    assert report.index_build_seconds == 0  # same dimension: the live generation's index was never dropped
     with connect(ingest_db) as conn:
         gens = dict(conn.execute("SELECT model_id, status FROM embedding_generations").fetchall())
         assert gens == {"all-MiniLM-L6-v2:384": "retired", "renamed-minilm:384": "active"}
