@@ -50,6 +50,8 @@ def model_dim(path: str) -> int | None:
 class Embedder:
     """A sentence-transformers model; counts the seconds spent inside it (``model_seconds``) for benchmarks."""
 
+    runtime = "torch"
+
     def __init__(self, path: str, *, device: str | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 

@@ -163,6 +163,7 @@ class AdapterManager:
     def forget(self, replica: Replica, name: str) -> None:
         """A replica said it does not know ``name`` (restarted?): stop routing there and reconcile now."""
         replica.loaded.discard(name)
+        replica.warmed.discard(name)
         self.wake.set()
 
     # ---- vLLM calls ---------------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class AdapterManager:
         m.ADAPTER_LOADS.labels(alias=av.alias, replica=replica.url).inc()
         m.ADAPTER_LOAD_LATENCY.labels(alias=av.alias).observe(time.perf_counter() - started)
         replica.set_loaded(replica.loaded)
+        replica.warmed.add(name)
         log.info("loaded adapter %s on %s", name, replica.url)
         return loaded_at - started, time.perf_counter() - loaded_at
 
@@ -228,6 +230,7 @@ class AdapterManager:
             return
         if r.status_code < 400 or r.status_code == 404:
             replica.loaded.discard(name)
+            replica.warmed.discard(name)
             replica.set_loaded(replica.loaded)
             m.ADAPTER_UNLOADS.labels(alias=name.rpartition("-v")[0], replica=replica.url).inc()
             log.info("unloaded adapter %s from %s", name, replica.url)
@@ -292,44 +295,103 @@ class AdapterManager:
                 await asyncio.wait_for(self.wake.wait(), timeout=self.settings.reconcile_interval_s)
 
     # ---- admin --------------------------------------------------------------------------------------------
+    async def _promotable(self, alias: str, version: int, force: bool) -> registry.AdapterVersion:
+        """The version, unless it may not be served: 404 unknown, 409 failed, 409 gate-rejected without force."""
+        try:
+            av = await self.db.run(registry.get_version, alias, version)
+        except ConfigError as exc:
+            raise AdapterError(404, str(exc), "version_not_found") from exc
+        if av.status == "failed":
+            raise AdapterError(409, f"adapter {av.served_name} is marked failed ({av.reason})", "version_failed")
+        if av.status == "rejected" and not force:
+            raise AdapterError(
+                409,
+                f"adapter {av.served_name} was rejected by the evaluation gate ({av.reason}); "
+                "send force=true to promote it anyway",
+                "version_rejected",
+            )
+        return av
+
+    async def _healthy_targets(self) -> list[Replica]:
+        targets = [r for r in self.pool.replicas if await self._list(r) is not None]
+        if not targets:
+            raise AdapterError(503, "no healthy vLLM replica to load the adapter on", "no_replica")
+        return targets
+
+    async def _load_where_cold(
+        self, av: registry.AdapterVersion, targets: list[Replica], stages: dict[str, float]
+    ) -> tuple[list[Replica], int]:
+        """Load and warm ``av`` on each target that does not hold it warm already (staged, or loaded by us).
+
+        Returns the replicas it was newly loaded on (to unload if the caller gives up) and how many were
+        already warm. On failure, unloads what this call loaded and raises AdapterError.
+        """
+        fresh: list[Replica] = []
+        warm = 0
+        try:
+            for replica in targets:
+                if av.served_name in replica.warmed:
+                    warm += 1
+                    continue
+                was_loaded = av.served_name in replica.loaded
+                load_s, warm_s = await self._load(replica, av)
+                stages["load"] += load_s
+                stages["warm"] += warm_s
+                if not was_loaded:
+                    fresh.append(replica)
+        except Exception:
+            for replica in fresh:
+                await self._unload(replica, av.served_name)
+            raise
+        return fresh, warm
+
+    async def stage(self, alias: str, version: int, force: bool = False) -> dict[str, Any]:
+        """Load and warm ``version`` on every healthy replica without switching anything (blue/green).
+
+        A later promotion of a staged version only switches the alias: the slow part on a busy server (vLLM
+        applies the load between engine steps, and the warm-up waits for a step) is done before it.
+        """
+        started = time.perf_counter()
+        stages = {"lock": 0.0, "load": 0.0, "warm": 0.0}
+        async with self._lock:
+            stages["lock"] = time.perf_counter() - started
+            av = await self._promotable(alias, version, force)
+            targets = await self._healthy_targets()
+            _, already = await self._load_where_cold(av, targets, stages)
+        m.ADAPTER_STAGES.labels(alias=alias).inc()
+        log.info("staged %s on %d replica(s)", av.served_name, len(targets))
+        return {
+            "alias": alias,
+            "version": version,
+            "served_name": av.served_name,
+            "replicas": [r.url for r in targets],
+            "already_staged": already,
+            "seconds": round(time.perf_counter() - started, 4),
+            "stages_s": {k: round(v, 4) for k, v in stages.items()},
+        }
+
     async def promote(
         self, alias: str, version: int, reason: str = "promoted via the gateway", force: bool = False
     ) -> dict[str, Any]:
         """Load ``version`` on every healthy replica, warm it, switch the registry and the alias, retire the old.
 
-        Refused (4xx) with nothing changed if the artifact is bad, its rank too high, any load fails, or the
-        evaluation gate rejected the version and ``force`` is not set.
+        Replicas where the version is already loaded and warm (``stage``) are not loaded again. Refused (4xx)
+        with nothing changed if the artifact is bad, its rank too high, any load fails, or the evaluation gate
+        rejected the version and ``force`` is not set.
         """
         started = time.perf_counter()
         stages = {"lock": 0.0, "load": 0.0, "warm": 0.0, "registry": 0.0}
         async with self._lock:
             stages["lock"] = time.perf_counter() - started
-            try:
-                av = await self.db.run(registry.get_version, alias, version)
-            except ConfigError as exc:
-                raise AdapterError(404, str(exc), "version_not_found") from exc
-            if av.status == "failed":
-                raise AdapterError(409, f"adapter {av.served_name} is marked failed ({av.reason})", "version_failed")
-            if av.status == "rejected" and not force:
-                raise AdapterError(
-                    409,
-                    f"adapter {av.served_name} was rejected by the evaluation gate ({av.reason}); "
-                    "send force=true to promote it anyway",
-                    "version_rejected",
-                )
-            targets = [r for r in self.pool.replicas if await self._list(r) is not None]
-            if not targets:
-                raise AdapterError(503, "no healthy vLLM replica to load the adapter on", "no_replica")
+            av = await self._promotable(alias, version, force)
+            targets = await self._healthy_targets()
             name = av.served_name
-            fresh: list[Replica] = []
             try:
-                for replica in targets:
-                    was_loaded = name in replica.loaded
-                    load_s, warm_s = await self._load(replica, av)
-                    stages["load"] += load_s
-                    stages["warm"] += warm_s
-                    if not was_loaded:
-                        fresh.append(replica)
+                fresh, staged = await self._load_where_cold(av, targets, stages)
+            except AdapterError:
+                m.PROMOTIONS.labels(alias=alias, result="refused").inc()
+                raise
+            try:
                 switched = time.perf_counter()
                 await self.db.run(registry.set_champion, alias, version, reason)
                 stages["registry"] = time.perf_counter() - switched
@@ -337,8 +399,6 @@ class AdapterManager:
                 for replica in fresh:
                     await self._unload(replica, name)
                 m.PROMOTIONS.labels(alias=alias, result="refused").inc()
-                if isinstance(exc, AdapterError):
-                    raise
                 raise AdapterError(503, f"promotion of {name} failed: {exc}", "promotion_failed") from exc
             previous = self.champions.get(alias)
             # The switch: one dict assignment on the event loop, so every request after it sees the new version.
@@ -359,6 +419,7 @@ class AdapterManager:
             "served_name": name,
             "previous_version": previous.version if previous else None,
             "replicas": [r.url for r in targets],
+            "staged_replicas": staged,
             "seconds": round(seconds, 4),
             "stages_s": {k: round(v, 4) for k, v in stages.items()},
         }

@@ -64,6 +64,14 @@ EMBED_LATENCY = Histogram(
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,
 )
+QUERY_ENCODER = Gauge(
+    "query_encoder_info",
+    "1 for the runtime the gateway embeds queries with (onnx, or torch when ONNX Runtime is off or did not match).",
+    ["runtime"],
+    namespace=NS,
+    subsystem="rag",
+    registry=REGISTRY,
+)
 RETRIEVE_LATENCY = Histogram(
     "retrieve_duration_seconds",
     "Time of the hybrid (vector + full-text, RRF) search in Postgres.",
@@ -194,6 +202,14 @@ CHAMPION_LOADED = Gauge(
     "champion_loaded",
     "1 when the replica holds the alias's champion adapter, 0 when it does not (the alert's input).",
     ["alias", "replica"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+ADAPTER_STAGES = Counter(
+    "adapter_stages",
+    "Adapter versions loaded and warmed ahead of their promotion (POST /v1/admin/adapters/stage).",
+    ["alias"],
     namespace=NS,
     subsystem="adapter",
     registry=REGISTRY,

@@ -31,7 +31,7 @@ def chunk_dict(chunk: Any) -> dict[str, Any]:
 
 
 class Retriever:
-    """Loads the embedding model once (in the background at start-up) and runs hybrid_search through the pool."""
+    """Loads the query encoder once (in the background at start-up) and runs hybrid_search through the pool."""
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
@@ -46,11 +46,11 @@ class Retriever:
             self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> Any:
-        from components.embedding import get_embedder, limit_query_threads
+        from components.query_encoder import load_query_encoder
 
-        limit_query_threads(self.settings)
-        self._embedder = await anyio.to_thread.run_sync(get_embedder, self.settings)
-        log.info("embedding model %s loaded", self._embedder.model_id)
+        self._embedder = await anyio.to_thread.run_sync(load_query_encoder, self.settings)
+        log.info("embedding model %s loaded (%s)", self._embedder.model_id, self._embedder.runtime)
+        m.QUERY_ENCODER.labels(runtime=self._embedder.runtime).set(1)
         return self._embedder
 
     @property

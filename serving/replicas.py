@@ -18,6 +18,7 @@ class Replica:
     healthy: bool = False
     outstanding: int = 0
     loaded: set[str] = field(default_factory=set)  # adapter names vLLM listed (or we loaded) last
+    warmed: set[str] = field(default_factory=set)  # of those, the ones this gateway loaded and saw answer
     last_error: str | None = None
 
     def mark(self, healthy: bool, error: str | None = None) -> None:
@@ -27,6 +28,7 @@ class Replica:
 
     def set_loaded(self, names: Iterable[str]) -> None:
         self.loaded = set(names)
+        self.warmed &= self.loaded  # a restarted replica forgot them: they need loading and warming again
         m.REPLICA_ADAPTERS.labels(replica=self.url).set(len(self.loaded))
 
 

@@ -65,7 +65,13 @@ class PromoteRequest(BaseModel):
     alias: Alias
     version: int = Field(ge=1, le=2**31 - 1)
     force: bool = Field(False, description="promote a version the evaluation gate rejected (a human override)")
-    reason: str | None = Field(None, max_length=500, description="recorded in the registry with the promotion")
+    reason: Text | None = Field(None, max_length=500, description="recorded in the registry with the promotion")
+
+
+class StageRequest(BaseModel):
+    alias: Alias
+    version: int = Field(ge=1, le=2**31 - 1)
+    force: bool = Field(False, description="stage a version the evaluation gate rejected")
 
 
 class RollbackRequest(BaseModel):

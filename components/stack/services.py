@@ -105,6 +105,8 @@ def vllm_command(settings: Settings) -> list[str]:
         str(settings.max_lora_rank),
         "--max-loras",
         str(settings.max_loras),
+        "--max-cpu-loras",
+        str(max(settings.max_cpu_loras, settings.max_loras)),
         "--max-model-len",
         str(settings.vllm_max_model_len),
     ]

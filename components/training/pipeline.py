@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -16,7 +17,7 @@ from typing import Any
 
 from components import registry
 from components.db import connect
-from components.errors import ConfigError
+from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 from components.training import artifacts
 from components.training.data import Dataset, data_location, load_dataset, split_dataset
@@ -29,8 +30,10 @@ from components.training.gate import (
     score_model,
 )
 from components.training.lora import ProgressFn, TrainConfig, train_adapter
-from components.training.promotion import promote
+from components.training.promotion import promote, stage
 from components.training.vllm_client import VllmClient
+
+log = logging.getLogger(__name__)
 
 
 def _load(settings: Settings, alias: str, data: str | None) -> Dataset:
@@ -268,7 +271,19 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             client.unload_adapter(cand.served_name)
     with connect(settings) as conn:
         _record(conn, alias, version, result)
-    return result.as_dict()
+    out = result.as_dict()
+    if ok:
+        out["staged"] = _stage(settings, alias, version)
+    return out
+
+
+def _stage(settings: Settings, alias: str, version: int) -> bool:
+    """Have the gateway load and warm a passing candidate on every replica now, so promoting it is a switch."""
+    try:
+        return stage(settings, alias, version) is not None
+    except ServiceError as exc:  # the promotion loads it itself; staging only moves that work earlier
+        log.warning("could not stage %s v%d ahead of its promotion: %s", alias, version, exc)
+        return False
 
 
 def _record(conn: Any, alias: str, version: int, result: GateResult) -> None:

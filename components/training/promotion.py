@@ -93,6 +93,13 @@ def promote(
     )
 
 
+def stage(settings: Settings, alias: str, version: int) -> dict[str, Any] | None:
+    """Have the gateway load and warm a version that passed the gate on every replica, so that its promotion
+    only switches the alias. Best effort: None when the gateway is not running (the promotion then loads it).
+    """
+    return _gateway(settings, "/v1/admin/adapters/stage", {"alias": alias, "version": version})
+
+
 def rollback(settings: Settings, alias: str) -> PromotionResult:
     """Return ``alias`` to its previous champion."""
     with connect(settings) as conn:

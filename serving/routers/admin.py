@@ -1,4 +1,4 @@
-"""Admin API: list adapters, promote a version, roll an alias back. Needs an admin key once any is set."""
+"""Admin API: list adapters, stage or promote a version, roll an alias back. Needs an admin key once any is set."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from serving.deps import GatewayDep
-from serving.schemas import PromoteRequest, RollbackRequest
+from serving.schemas import PromoteRequest, RollbackRequest, StageRequest
 from serving.security import require_admin_key
 
 
-def _clean_reason(text: str | None) -> str | None:
-    """Postgres text cannot hold NUL; the registry keeps one line."""
-    return " ".join(text.replace("\x00", "").split()) if text else None
+def _one_line(text: str | None) -> str | None:
+    """The registry keeps the reason as one line (NUL is refused with a 400 by the request schema)."""
+    return " ".join(text.split()) if text else None
 
 
 router = APIRouter(prefix="/v1/admin/adapters", dependencies=[Depends(require_admin_key)], tags=["admin"])
@@ -26,8 +26,13 @@ async def list_adapters(gw: GatewayDep) -> dict[str, Any]:
 
 @router.post("/promote", summary="Load a version on every replica, warm it, switch the alias, retire the old")
 async def promote(req: PromoteRequest, gw: GatewayDep) -> dict[str, Any]:
-    reason = _clean_reason(req.reason) or "promoted via the gateway"
+    reason = _one_line(req.reason) or "promoted via the gateway"
     return await gw.adapters.promote(req.alias, req.version, reason=reason, force=req.force)
+
+
+@router.post("/stage", summary="Load and warm a version on every replica ahead of its promotion; switch nothing")
+async def stage(req: StageRequest, gw: GatewayDep) -> dict[str, Any]:
+    return await gw.adapters.stage(req.alias, req.version, force=req.force)
 
 
 @router.post("/rollback", summary="Promote the alias's previous champion again")

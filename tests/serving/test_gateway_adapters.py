@@ -74,6 +74,31 @@ def test_promotion_under_load_loses_nothing(gateway: Gateway) -> None:
     gateway.wait_for(lambda: f"{gateway.alias}-v{v1}" not in gateway.snapshot()["replicas"][0]["loaded"], "v1 unloaded")
 
 
+def test_staged_version_is_promoted_by_a_switch_alone(gateway: Gateway) -> None:
+    """/stage loads and warms a version everywhere and changes nothing else; promoting it then loads nothing."""
+    current = next(a for a in gateway.snapshot()["aliases"] if a["alias"] == gateway.alias)["champion_version"]
+    staged = gateway.register(gateway.adapters.v2)  # a new version: a name vLLM has never held
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0)
+    with gateway.admin() as admin:
+        unknown = admin.post("/v1/admin/adapters/stage", json={"alias": gateway.alias, "version": 9999})
+        assert unknown.status_code == 404
+        response = admin.post("/v1/admin/adapters/stage", json={"alias": gateway.alias, "version": staged})
+        assert response.status_code == 200, response.text
+        assert response.json()["already_staged"] == 0 and response.json()["stages_s"]["warm"] > 0
+        assert f"{gateway.alias}-v{staged}" in gateway.snapshot()["replicas"][0]["loaded"]
+        assert _version_of(_ask(client, gateway.alias)) == current  # staging switched nothing
+        again = admin.post("/v1/admin/adapters/stage", json={"alias": gateway.alias, "version": staged})
+        assert again.json()["already_staged"] == 1
+
+        promoted = admin.post("/v1/admin/adapters/promote", json={"alias": gateway.alias, "version": staged})
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["staged_replicas"] == 1
+        assert promoted.json()["stages_s"]["load"] == 0 and promoted.json()["stages_s"]["warm"] == 0
+        assert _version_of(_ask(client, gateway.alias)) == staged
+        back = admin.post("/v1/admin/adapters/promote", json={"alias": gateway.alias, "version": current})
+        assert back.status_code == 200  # leave the usual champion in place for the tests after this one
+
+
 def test_corrupt_adapter_is_refused_and_alias_keeps_answering(gateway: Gateway) -> None:
     current = next(a for a in gateway.snapshot()["aliases"] if a["alias"] == gateway.alias)["champion_version"]
     bad = gateway.register(gateway.adapters.corrupt)
@@ -119,8 +144,10 @@ def test_gate_rejected_version_needs_force_and_the_override_is_recorded(gateway:
         assert next(a for a in gateway.snapshot()["aliases"] if a["alias"] == gateway.alias)["champion_version"] == (
             current
         )
+        nul = admin.post("/v1/admin/adapters/promote", json={**body, "force": True, "reason": "by ops\u0000"})
+        assert nul.status_code == 400 and "NUL" in nul.json()["error"]["message"]  # refused like any other field
         forced = admin.post(
-            "/v1/admin/adapters/promote", json={**body, "force": True, "reason": "override by ops\u0000 on call"}
+            "/v1/admin/adapters/promote", json={**body, "force": True, "reason": "override by ops\n   on call"}
         )
         assert forced.status_code == 200, forced.text
         assert admin.post(
