@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("gateway", help="gateway overhead, RAG cost, promotion time (vLLM vs gateway)")
     p.add_argument("--requests", type=int, default=40, help="requests per variant at 1 client")
     p.add_argument("--requests-16", type=int, default=48, help="requests per variant at 16 clients")
+    p.add_argument("--rounds-16", type=int, default=3, help="rounds of the 16-client variants, in rotated order")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (ignore_eos)")
     p.add_argument(
         "--promotions", type=int, default=3, help="promotions of each kind (cold, staged) timed under 8 clients"
@@ -48,7 +50,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _load(url: str, body: dict[str, Any], headers: dict[str, str], n: int, clients: int) -> dict[str, Any]:
-    """n requests from ``clients`` concurrent clients: latency percentiles, throughput, errors."""
+    """n requests from ``clients`` concurrent clients: their latencies, errors and the wall time."""
     latencies: list[float] = []
     errors = 0
     queue = list(range(n))
@@ -69,42 +71,93 @@ async def _load(url: str, body: dict[str, Any], headers: dict[str, str], n: int,
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
-    return {
-        "clients": clients,
-        "requests": n,
-        "errors": errors,
+    return {"clients": clients, "latencies": latencies, "errors": errors, "wall": wall}
+
+
+def _row(runs: list[dict[str, Any]], cpu: dict[str, float] | None = None) -> dict[str, Any]:
+    """One table row from one or more runs of a variant: percentiles, throughput over their summed wall time."""
+    latencies = [x for r in runs for x in r["latencies"]]
+    row = {
+        "clients": runs[0]["clients"],
+        "requests": len(latencies) + sum(r["errors"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
         "p50_ms": round(1000 * _pct(latencies, 0.5), 2),
         "p95_ms": round(1000 * _pct(latencies, 0.95), 2),
-        "req_per_s": round(len(latencies) / wall, 3),
+        "req_per_s": round(len(latencies) / sum(r["wall"] for r in runs), 3),
     }
+    if cpu:
+        row |= {
+            f"{name}_cpu_ms_per_request": round(1000 * sec / max(1, row["requests"]), 1) for name, sec in cpu.items()
+        }
+    return row
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its descendants so far (Linux /proc; 0 where unreadable)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _cpu_seconds(int(child))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return total
+
+
+async def _rounds_at_16(
+    s: Settings, variants: dict[str, tuple[str, dict[str, Any]]], headers: dict[str, str], n: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """The 16-client variants in ``rounds`` rounds, each in a rotated order, so the host's drift from minute to
+    minute spreads over all of them; the CPU the gateway and vLLM spend on each variant is summed as well."""
+    from components.stack import manager
+
+    pids = {c.name: c.pid for c in manager.status(s, ["vllm", "gateway"])}
+    names = list(variants)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    cpu: dict[str, dict[str, float]] = {k: {"gateway": 0.0, "vllm": 0.0} for k in names}
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            url, body = variants[name]
+            before = {k: _cpu_seconds(pids.get(k)) for k in ("gateway", "vllm")}
+            runs[name].append(await _load(url, body, headers, n, 16))
+            for k in ("gateway", "vllm"):
+                cpu[name][k] += _cpu_seconds(pids.get(k)) - before[k]
+    return {name: _row(runs[name], cpu[name]) for name in names}
 
 
 async def _overhead_pairs(s: Settings, headers: dict[str, str], n: int) -> dict[str, Any]:
-    """1 client, 1 token: direct and gateway requests interleaved so drift hits both alike."""
+    """1 client, 1 token: a direct and a gateway request per pair, in alternating order so that neither side
+    always follows the other (vLLM's prefix cache, drift); the overhead is the median of the pairs' differences."""
     direct_body = {
         "model": s.served_model_name,
         "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": 1,
     }
-    direct, via = [], []
+    targets = {
+        "direct": (s.vllm_endpoints[0] + "/v1/chat/completions", direct_body),
+        "gateway": (s.gateway_url + "/v1/chat/completions", {**direct_body, "rag": False}),
+    }
+    times: dict[str, list[float]] = {"direct": [], "gateway": []}
     async with httpx.AsyncClient(timeout=120, headers=headers) as http:
         for _ in range(3):  # warm both paths
-            await http.post(s.vllm_endpoints[0] + "/v1/chat/completions", json=direct_body)
-            await http.post(s.gateway_url + "/v1/chat/completions", json={**direct_body, "rag": False})
-        for _ in range(n):
-            t = time.perf_counter()
-            (await http.post(s.vllm_endpoints[0] + "/v1/chat/completions", json=direct_body)).raise_for_status()
-            direct.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            (
-                await http.post(s.gateway_url + "/v1/chat/completions", json={**direct_body, "rag": False})
-            ).raise_for_status()
-            via.append(time.perf_counter() - t)
-    d, g = statistics.median(direct), statistics.median(via)
+            for url, body in targets.values():
+                await http.post(url, json=body)
+        for i in range(n):
+            for side in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
+                url, body = targets[side]
+                t = time.perf_counter()
+                (await http.post(url, json=body)).raise_for_status()
+                times[side].append(time.perf_counter() - t)
+    d, g = statistics.median(times["direct"]), statistics.median(times["gateway"])
+    diffs = [b - a for a, b in zip(times["direct"], times["gateway"], strict=True)]
     return {
+        "pairs": n,
         "direct_p50_ms": round(1000 * d, 2),
         "gateway_p50_ms": round(1000 * g, 2),
-        "overhead_p50_ms": round(1000 * (g - d), 2),
+        "overhead_p50_ms": round(1000 * statistics.median(diffs), 2),
     }
 
 
@@ -256,11 +309,17 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"settings": {"max_tokens": args.max_tokens, "vllm": s.vllm_endpoints}}
     results["embed_retrieve"] = _embed_retrieve(s, 40)
     results["overhead_1_client"] = asyncio.run(_overhead_pairs(s, headers, args.requests))
-    load: dict[str, Any] = {}
-    for clients, n in ((1, max(8, args.requests // 4)), (16, args.requests_16)):
-        load[f"direct_{clients}"] = asyncio.run(_load(direct_url, base, headers, n, clients))
-        load[f"gateway_rag_off_{clients}"] = asyncio.run(_load(gw_url, {**base, "rag": False}, headers, n, clients))
-        load[f"gateway_rag_on_{clients}"] = asyncio.run(_load(gw_url, {**base, "rag": True}, headers, n, clients))
+    variants = {
+        "direct": (direct_url, base),
+        "gateway_rag_off": (gw_url, {**base, "rag": False}),
+        "gateway_rag_on": (gw_url, {**base, "rag": True}),
+    }
+    n1 = max(8, args.requests // 4)
+    load: dict[str, Any] = {
+        f"{k}_1": _row([asyncio.run(_load(u, b, headers, n1, 1))]) for k, (u, b) in variants.items()
+    }
+    at16 = asyncio.run(_rounds_at_16(s, variants, headers, args.requests_16, args.rounds_16))
+    load |= {f"{k}_16": v for k, v in at16.items()}
     results["load"] = load
     folders = _bench_adapters(s)
     try:
@@ -268,7 +327,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _cleanup(s)
     loss = 100 * (1 - load["gateway_rag_off_16"]["req_per_s"] / load["direct_16"]["req_per_s"])
+    gw_cpu = load["gateway_rag_off_16"].get("gateway_cpu_ms_per_request", 0.0)
+    vllm_cpu = load["gateway_rag_off_16"].get("vllm_cpu_ms_per_request", 0.0)
     results["summary"] = {
+        # What the gateway itself costs, free of the host's drift: its CPU per request beside vLLM's.
+        "gateway_cpu_share_pct_16": round(100 * gw_cpu / (gw_cpu + vllm_cpu), 2) if gw_cpu + vllm_cpu else None,
         "overhead_p50_ms": results["overhead_1_client"]["overhead_p50_ms"],
         "throughput_loss_pct_16": round(loss, 2),
         "embed_retrieve_p50_ms": results["embed_retrieve"]["embed_retrieve_p50_ms"],
@@ -288,9 +351,13 @@ def run(args: argparse.Namespace) -> int:
         print_json(results)
         return 0
     rows = [
-        (k, v["clients"], v["requests"], v["errors"], v["p50_ms"], v["p95_ms"], v["req_per_s"]) for k, v in load.items()
-    ]
-    print(table(rows, ["variant", "clients", "requests", "errors", "p50 ms", "p95 ms", "req/s"]))
+        (k, v["clients"], v["requests"], v["errors"], v["p50_ms"], v["p95_ms"], v["req_per_s"],
+         v.get("gateway_cpu_ms_per_request", ""), v.get("vllm_cpu_ms_per_request", ""))
+        for k, v in load.items()
+    ]  # fmt: skip
+    heads = ["variant", "clients", "requests", "errors", "p50 ms", "p95 ms", "req/s", "gateway CPU ms/req",
+             "vLLM CPU ms/req"]  # fmt: skip
+    print(table(rows, heads))
     print()
     print(
         table(

@@ -96,7 +96,13 @@ def prepare_hnsw_index(conn: psycopg.Connection, generation: Generation) -> bool
         if not (row and row[0]):
             ensure_hnsw_index(conn, generation.dim)
             return False
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(_hnsw_name(generation.dim))))
+    # CONCURRENTLY: a plain DROP INDEX would wait for, and then hold up, every query on `chunks`, including
+    # retrieval from the active generation of another dimension during a model switch.
+    conn.autocommit = True
+    try:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(_hnsw_name(generation.dim))))
+    finally:
+        conn.autocommit = False
     return True
 
 

@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from components import registry
 from components.db import connect
 from components.errors import ConfigError, ServiceError
@@ -281,7 +283,7 @@ def _stage(settings: Settings, alias: str, version: int) -> bool:
     """Have the gateway load and warm a passing candidate on every replica now, so promoting it is a switch."""
     try:
         return stage(settings, alias, version) is not None
-    except ServiceError as exc:  # the promotion loads it itself; staging only moves that work earlier
+    except (ServiceError, httpx.HTTPError) as exc:  # the promotion loads it itself; staging only moves it earlier
         log.warning("could not stage %s v%d ahead of its promotion: %s", alias, version, exc)
         return False
 
