@@ -43,12 +43,25 @@ def main() -> None:
             return self.embed_documents([text])[0]
 
     embeddings = TimedEmbeddings()
+    collection = cfg.get("collection", "bench")
     store = PGVector(
-        embeddings=embeddings, collection_name="bench", connection=cfg["url"], use_jsonb=True,
+        embeddings=embeddings, collection_name=collection, connection=cfg["url"], use_jsonb=True,
         pre_delete_collection=True,
     )  # fmt: skip
-    records = SQLRecordManager("pgvector/bench", db_url=cfg["url"])
+    records = SQLRecordManager(f"pgvector/{collection}", db_url=cfg["url"])
     records.create_schema()
+    engine = create_engine(cfg["url"])
+    if cfg.get("hnsw"):
+        # The same index Tandem keeps (HNSW, cosine, pgvector's defaults), maintained on every insert. The table
+        # is emptied first so the graph holds this run's vectors only, as Tandem's does on its first fill.
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE langchain_pg_embedding"))
+            conn.execute(
+                text(
+                    "CREATE INDEX IF NOT EXISTS bench_embedding_hnsw ON langchain_pg_embedding "
+                    "USING hnsw ((embedding::vector(384)) vector_cosine_ops)"
+                )
+            )
     splitter = RecursiveCharacterTextSplitter(chunk_size=cfg["chunk_chars"], chunk_overlap=cfg["overlap_chars"])
 
     def load(root: Path) -> list[Document]:
@@ -69,7 +82,6 @@ def main() -> None:
             "model_seconds": round(embeddings.seconds - model_before, 3), "chunks_in_corpus": len(chunks),
             "added": result["num_added"], "deleted": result["num_deleted"], "skipped": result["num_skipped"],
         })  # fmt: skip
-    engine = create_engine(cfg["url"])
     with engine.connect() as conn:
         left = conn.execute(
             text("SELECT count(*) FROM langchain_pg_embedding WHERE cmetadata->>'source' = ANY(:paths)"),
