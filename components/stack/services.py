@@ -120,6 +120,11 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     if vllm_flavour() == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_kv_cache_gib)
+        # OpenMP threads sleep when a parallel region ends instead of spinning. vLLM shares the cores with the
+        # gateway, Postgres and the query encoder, and spinning threads delay every wake-up of theirs: the
+        # gateway's 1-client overhead was 2.7-10.3 ms spinning and 1.3-2.7 ms passive, with 16-client
+        # throughput no lower. A value the user set wins.
+        env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

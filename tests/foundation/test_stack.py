@@ -114,6 +114,20 @@ def test_vllm_dtype_on_this_host_follows_its_cpu_unless_set(tmp_path: Path, base
     assert forced[forced.index("--dtype") + 1] == "half"
 
 
+def test_vllm_cpu_env_and_lora_cache_on_this_host(
+    tmp_path: Path, base_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.stack import services
+
+    settings = Settings(state_dir=tmp_path, base_model=base_model_dir)
+    command = services.vllm_command(settings)
+    assert command[command.index("--max-cpu-loras") + 1] == "8"  # adapters stay in memory between steps
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert services.vllm_env(settings)["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning on shared cores
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert services.vllm_env(settings)["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice wins
+
+
 @pytest.mark.gpu_standin
 def test_vllm_dtype_rule_for_hardware_these_machines_lack() -> None:
     """STAND-IN: a CPU with native bf16 and a CUDA GPU cannot be had here, so the rule is checked on those inputs
