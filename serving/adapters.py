@@ -230,8 +230,7 @@ class AdapterManager:
             return
         if r.status_code < 400 or r.status_code == 404:
             replica.loaded.discard(name)
-            replica.warmed.discard(name)
-            replica.set_loaded(replica.loaded)
+            replica.set_loaded(replica.loaded)  # also drops it from replica.warmed
             m.ADAPTER_UNLOADS.labels(alias=name.rpartition("-v")[0], replica=replica.url).inc()
             log.info("unloaded adapter %s from %s", name, replica.url)
 
