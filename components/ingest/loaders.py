@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+# libyaml's safe loader where PyYAML was built with it (much faster on front matter), else the pure one.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 _H1 = re.compile(r"^#[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
@@ -62,7 +64,7 @@ def _load_markdown(text: str) -> LoadedDocument:
     match = _FRONT_MATTER.match(text)
     if match:
         try:
-            parsed = yaml.safe_load(match.group(1))
+            parsed = yaml.load(match.group(1), Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:
             raise BadDocument(f"invalid front matter: {str(exc).splitlines()[0]}") from exc
         if isinstance(parsed, dict):

@@ -1,8 +1,9 @@
 """Postgres side of ingestion: generations, per-document atomic writes (binary COPY), deletions, failures.
 
-Every document is written in its own transaction (document row, old chunks out, new chunks in, the
-generation's record of what was indexed), so readers see either the old or the new version, and a crash
-leaves each document either fully done or untouched for the next run to finish.
+A document is written whole in one transaction (document row, old chunks out, new chunks in, the
+generation's record of what was indexed), together with the other documents of its window, so readers see
+either the old or the new version, and a crash leaves each document either fully done or untouched for the
+next run to finish.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def build_hnsw_index(conn: psycopg.Connection, dim: int) -> float:
 
 
 def _build_hnsw_index(conn: psycopg.Connection, dim: int) -> None:
+    # Two runs (of two sources) finishing the same first fill must not both create it: the second would fail
+    # on the index name. The lock is the one prepare_hnsw_index takes, so a drop and a build never interleave.
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_NAMESPACE,))
     # Enough memory for the graph to be built in memory (pgvector slows down and warns otherwise).
     conn.execute("SELECT set_config('maintenance_work_mem', '256MB', true)")
     ensure_hnsw_index(conn, dim)
@@ -200,36 +204,53 @@ def write_document(
     conn: psycopg.Connection, source: str, generation: Generation, doc: DocumentWrite, chunking: str
 ) -> None:
     """Replace one document's chunks of this generation, atomically."""
+    write_documents(conn, source, generation, [doc], chunking)
+
+
+def write_documents(
+    conn: psycopg.Connection, source: str, generation: Generation, docs: list[DocumentWrite], chunking: str
+) -> None:
+    """Replace these documents' chunks of this generation in one transaction: each document whole, or none.
+
+    A fixed number of statements whatever the count (one binary COPY for all the chunks), so a window of
+    hundreds of documents costs the server and the client a few round trips instead of six per document.
+    """
+    if not docs:
+        return
+    paths = [doc.path for doc in docs]
     with conn.transaction():
-        row = conn.execute(
+        rows = conn.execute(
             """INSERT INTO documents (source, path, title, content_hash, size_bytes, modified_at, metadata)
-               VALUES (%s, %s, %s, %s, %s, %s, %s)
+               SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],
+                                        %s::jsonb[])
                ON CONFLICT (source, path) DO UPDATE SET title = EXCLUDED.title,
                    content_hash = EXCLUDED.content_hash, size_bytes = EXCLUDED.size_bytes,
                    modified_at = EXCLUDED.modified_at, metadata = EXCLUDED.metadata, updated_at = now()
-               RETURNING id""",
-            (source, doc.path, doc.title, doc.content_hash, doc.size_bytes, doc.modified_at,
-             json.dumps(doc.metadata, default=str)),
-        ).fetchone()  # fmt: skip
-        assert row is not None
-        doc_id = int(row[0])
-        conn.execute("DELETE FROM chunks WHERE document_id = %s AND generation_id = %s", (doc_id, generation.id))
+               RETURNING path, id""",
+            (source, paths, [d.title for d in docs], [d.content_hash for d in docs], [d.size_bytes for d in docs],
+             [d.modified_at for d in docs], [json.dumps(d.metadata, default=str) for d in docs]),
+        ).fetchall()  # fmt: skip
+        doc_ids = {path: int(doc_id) for path, doc_id in rows}
+        ids = [doc_ids[path] for path in paths]
+        conn.execute("DELETE FROM chunks WHERE generation_id = %s AND document_id = ANY(%s)", (generation.id, ids))
         with conn.cursor() as cur, cur.copy(f"COPY chunks ({_CHUNK_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(_CHUNK_TYPES)
-            for chunk, vector in zip(doc.chunks, doc.embeddings, strict=True):
-                copy.write_row(
-                    (chunk_id(source, doc.path, generation.id, chunk), doc_id, generation.id, chunk.ordinal,
-                     " > ".join(chunk.heading), chunk.text, chunk.text_hash, chunk.char_start, chunk.char_end,
-                     chunk.token_count, generation.dim, vector)
-                )  # fmt: skip
+            for doc, doc_id in zip(docs, ids, strict=True):
+                for chunk, vector in zip(doc.chunks, doc.embeddings, strict=True):
+                    copy.write_row(
+                        (chunk_id(source, doc.path, generation.id, chunk), doc_id, generation.id, chunk.ordinal,
+                         " > ".join(chunk.heading), chunk.text, chunk.text_hash, chunk.char_start, chunk.char_end,
+                         chunk.token_count, generation.dim, vector)
+                    )  # fmt: skip
         conn.execute(
             """INSERT INTO document_generations (document_id, generation_id, content_hash, chunking, chunk_count)
-               VALUES (%s, %s, %s, %s, %s)
+               SELECT doc_id, %s, content_hash, %s, chunk_count
+                 FROM unnest(%s::bigint[], %s::text[], %s::integer[]) AS t(doc_id, content_hash, chunk_count)
                ON CONFLICT (document_id, generation_id) DO UPDATE SET content_hash = EXCLUDED.content_hash,
                    chunking = EXCLUDED.chunking, chunk_count = EXCLUDED.chunk_count, indexed_at = now()""",
-            (doc_id, generation.id, doc.content_hash, chunking, len(doc.chunks)),
+            (generation.id, chunking, ids, [d.content_hash for d in docs], [len(d.chunks) for d in docs]),
         )
-        conn.execute("DELETE FROM ingest_failures WHERE source = %s AND path = %s", (source, doc.path))
+        conn.execute("DELETE FROM ingest_failures WHERE source = %s AND path = ANY(%s)", (source, paths))
 
 
 def clear_failure(conn: psycopg.Connection, source: str, paths: list[str]) -> None:

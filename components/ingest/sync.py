@@ -2,8 +2,13 @@
 
 Three stages overlap so the embedding model, the ceiling on a CPU, never waits: a reader thread lists,
 hashes, parses and chunks documents; the calling thread embeds only the chunk texts not already embedded;
-a writer thread stores each document in its own transaction. Unchanged documents (same content hash, same
-chunking, same embedding model) are skipped before the model is even loaded.
+a writer thread stores each window of documents in one transaction. Unchanged documents (same content hash,
+same chunking, same embedding model) are skipped before the model is even loaded.
+
+The model pads every batch to its longest text, so it is fed windows of several hundred chunks, which it
+sorts by length before batching: its padding then costs under 1 % instead of about 5 % with the small
+groups a document-at-a-time pipeline gives it. The first window is small, so the model starts at once,
+and once every document is read the windows halve, so the writes left after the model's last call are few.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ from components.models import embedding_model_path
 from components.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-_EMBED_GROUP = 64  # chunks gathered across documents per call into the model (two batches of 32)
+_FIRST_WINDOW = 64  # chunks in the model's first call, and the smallest call at the end of the run
+_WINDOW = 512  # chunks gathered across documents per call into the model, which sorts them by length
+_PREFETCH_DOCS = 384  # prepared documents the reader may be ahead: enough to fill the next window at once
+# A first fill builds the HNSW index in the writer while the model embeds its last documents: once every
+# document is read and at most this many (or a 50th of the run) are left to write; they are indexed on insert.
+_BUILD_AHEAD_DOCS = 96
 _DONE = object()
 
 
@@ -53,7 +63,7 @@ class SyncReport:
     seconds: float = 0.0
     model_seconds: float = 0.0
     activated: bool = False
-    index_build_seconds: float = 0.0  # a first fill writes without the HNSW index and builds it once at the end
+    index_build_seconds: float = 0.0  # a first fill writes without the HNSW index and builds it once near the end
     run_id: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     deleted_paths: list[str] = field(default_factory=list)
@@ -70,6 +80,7 @@ class _Prepared:
     title: str
     metadata: dict[str, Any]
     chunks: list[Chunk]
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # set by stage 2
 
 
 @dataclass
@@ -116,11 +127,12 @@ def sync_documents(
         state = store.indexed_state(conn, src.name, generation.id)
         reuse = not force and store.generation_has_chunks(conn, generation.id)
         model_before = embedder.model_seconds if embedder else 0.0
-        run = _Run(settings, src, generation, chunking, conn, report, progress, len(files))
         deferred = store.prepare_hnsw_index(conn, generation)
+        run = _Run(settings, src, generation, chunking, conn, report, progress, len(files), build_index=deferred)
         run.execute(files, state, force=force, reuse=reuse, embedder=embedder)
-        if deferred:
-            report.index_build_seconds = round(store.build_hnsw_index(conn, dim), 3)
+        if deferred and not run.index_built:
+            run.index_build_seconds += store.build_hnsw_index(conn, dim)
+        report.index_build_seconds = round(run.index_build_seconds, 3)
         report.deleted_paths = store.delete_missing(conn, src.name, [f.path for f in files])
         report.deleted = len(report.deleted_paths)
         report.activated = store.activate_if_complete(conn, generation)
@@ -146,6 +158,8 @@ class _Run:
         report: SyncReport,
         progress: ProgressFn | None,
         total: int,
+        *,
+        build_index: bool = False,
     ) -> None:
         self.settings = settings
         self.src = src
@@ -158,6 +172,12 @@ class _Run:
         self.done = 0
         self.embedder: Embedder | None = None
         self._lock = threading.Lock()
+        self.build_index = build_index  # the HNSW index was deferred: the writer builds it near the end
+        self.index_built = False
+        self.index_build_seconds = 0.0
+        self.reader_done = threading.Event()
+        self.produced = 0  # documents the reader handed on (prepared or failed); final once reader_done is set
+        self.written = 0
 
     def _tick(self) -> None:
         with self._lock:
@@ -175,7 +195,7 @@ class _Run:
         embedder: Embedder | None,
     ) -> None:
         self.embedder = embedder
-        prepared: queue.Queue[Any] = queue.Queue(maxsize=64)
+        prepared: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_DOCS)
         to_write: queue.Queue[Any] = queue.Queue(maxsize=4)
         errors: list[BaseException] = []
         stop = threading.Event()
@@ -253,14 +273,17 @@ class _Run:
                 log.warning("loading %s failed", file.path, exc_info=True)
                 item = _Failed(file.path, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
             _put(out, item, stop)
+            self.produced += 1
+        self.reader_done.set()
         # An unchanged document that was once recorded as failed has loaded since: forget the failure.
         _put(out, ("clear", unchanged_failures), stop)
         _put(out, _DONE, stop)
 
     def _groups(self, prepared: queue.Queue[Any], stop: threading.Event) -> Iterator[list[Any]]:
-        """Documents gathered until about _EMBED_GROUP chunks, so the model gets full batches."""
+        """Documents gathered into windows of about _WINDOW chunks for the model (see the module's doc)."""
         group: list[Any] = []
-        size = 0
+        size, target = 0, _FIRST_WINDOW
+        docs = chunks = 0
         while not stop.is_set():
             try:
                 item = prepared.get(timeout=0.2)
@@ -269,10 +292,16 @@ class _Run:
             if item is _DONE:
                 break
             group.append(item)
-            size += len(item.chunks) if isinstance(item, _Prepared) else 0
-            if size >= _EMBED_GROUP:
+            if isinstance(item, _Prepared):
+                size += len(item.chunks)
+                docs, chunks = docs + 1, chunks + len(item.chunks)
+            if self.reader_done.is_set():
+                # Everything left is in this window or the queue: take half of it, so the last call is small.
+                left = size + prepared.qsize() * chunks / max(docs, 1)
+                target = min(target, max(_FIRST_WINDOW, int(left / 2)))
+            if size >= target:
                 yield group
-                group, size = [], 0
+                group, size, target = [], 0, _WINDOW
         if group:
             yield group
 
@@ -294,48 +323,55 @@ class _Run:
         self.report.chunks_embedded += len(todo)
         for d in docs:
             self.report.chunks_reused += sum(1 for c in d.chunks if c.text_hash not in todo)
-            d.embeddings = np.stack([known[c.text_hash] for c in d.chunks])  # type: ignore[attr-defined]
+            d.embeddings = np.stack([known[c.text_hash] for c in d.chunks])
 
-    # Stage 3: one transaction per document.
+    # Stage 3: each window's documents in one transaction (each document whole).
     def _write(self, stop: threading.Event, incoming: queue.Queue[Any]) -> None:
         from components.db import connect
 
         with connect(self.settings) as conn:
             while True:
                 group = incoming.get()
-                if group is _DONE:
+                if group is _DONE or stop.is_set():
                     return
-                for item in group:
-                    if stop.is_set():
-                        return
-                    self._write_one(conn, item)
+                self._write_group(conn, group)
+                if self._time_to_build_index():
+                    # The model is still embedding the last documents: the one bulk build runs beside it.
+                    self.index_build_seconds += store.build_hnsw_index(conn, self.generation.dim)
+                    self.index_built = True
 
-    def _write_one(self, conn: psycopg.Connection, item: Any) -> None:
-        if isinstance(item, tuple):
-            store.clear_failure(conn, self.src.name, item[1])
-            return
-        if isinstance(item, _Failed):
-            store.record_failure(conn, self.src.name, item.path, item.reason)
-            self.report.failed += 1
-            self.report.failures.append({"path": item.path, "reason": item.reason})
-        else:
-            doc = store.DocumentWrite(
-                path=item.file.path,
-                title=item.title,
-                content_hash=item.content_hash,
-                size_bytes=item.file.size,
-                modified_at=item.file.modified_at,
-                metadata=item.metadata,
-                chunks=item.chunks,
-                embeddings=item.embeddings,
-            )
-            store.write_document(conn, self.src.name, self.generation, doc, self.chunking)
+    def _time_to_build_index(self) -> bool:
+        if not self.build_index or self.index_built or not self.reader_done.is_set():
+            return False
+        left = self.produced - self.written
+        return self.written * 2 >= self.produced and left <= max(_BUILD_AHEAD_DOCS, self.produced // 50)
+
+    def _write_group(self, conn: psycopg.Connection, group: list[Any]) -> None:
+        docs = [item for item in group if isinstance(item, _Prepared)]
+        store.write_documents(
+            conn, self.src.name, self.generation,
+            [store.DocumentWrite(path=item.file.path, title=item.title, content_hash=item.content_hash,
+                                 size_bytes=item.file.size, modified_at=item.file.modified_at,
+                                 metadata=item.metadata, chunks=item.chunks, embeddings=item.embeddings)
+             for item in docs],
+            self.chunking,
+        )  # fmt: skip
+        for item in docs:
             if item.is_new:
                 self.report.added += 1
             else:
                 self.report.updated += 1
             self.report.chunks_written += len(item.chunks)
-        self._tick()
+        for item in group:
+            if isinstance(item, tuple):
+                store.clear_failure(conn, self.src.name, item[1])
+                continue
+            if isinstance(item, _Failed):
+                store.record_failure(conn, self.src.name, item.path, item.reason)
+                self.report.failed += 1
+                self.report.failures.append({"path": item.path, "reason": item.reason})
+            self.written += 1
+            self._tick()
 
 
 def chunk_document(doc: LoadedDocument, tokenizer: Any, settings: Settings) -> list[Chunk]:

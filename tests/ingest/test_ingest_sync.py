@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,7 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
 ) -> None:
     docs = {f"doc-{i:02d}.md": f"# Doc {i}\n\n## A\n\nAlpha text {i}.\n\n## B\n\nBeta text {i}.\n" for i in range(12)}
     root = write_corpus(tmp_path / "many", docs)
-    real_write = store.write_document
+    real_write = store.write_documents
     calls = {"n": 0}
 
     def crash_after_five(*args: Any, **kwargs: Any) -> None:
@@ -131,7 +133,9 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
             raise RuntimeError("power cut")
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(store, "write_document", crash_after_five)
+    monkeypatch.setattr(sync, "_FIRST_WINDOW", 1)  # one document per window and transaction
+    monkeypatch.setattr(sync, "_WINDOW", 1)
+    monkeypatch.setattr(store, "write_documents", crash_after_five)
     with pytest.raises(RuntimeError, match="power cut"):
         sync_documents(str(root), settings=ingest_db)
     _assert_whole(ingest_db)
@@ -140,7 +144,7 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
     assert written == (5,)
     assert not _hnsw_index_exists(ingest_db)  # the first fill broke off before its one index build
 
-    monkeypatch.setattr(store, "write_document", real_write)
+    monkeypatch.setattr(store, "write_documents", real_write)
     rerun = sync_documents(str(root), settings=ingest_db)
     assert (rerun.added, rerun.unchanged, rerun.failed) == (7, 5, 0)
     assert rerun.activated and rerun.index_build_seconds > 0 and _hnsw_index_exists(ingest_db)
@@ -201,3 +205,60 @@ def test_bad_files_are_quarantined_with_reason_and_retried(ingest_db: Settings, 
     with connect(settings) as conn:
         left = {f["path"]: f["attempts"] for f in store.failures(conn)}
     assert left == {"broken.pdf": 2, "empty.md": 2, "huge.txt": 2}
+
+
+def _windows(items: int, *, reader_done: bool) -> list[int]:
+    run = object.__new__(sync._Run)  # only the reader's flag matters to the window logic
+    run.reader_done = threading.Event()
+    if reader_done:
+        run.reader_done.set()
+    q: Any = sync.queue.Queue()
+    for i in range(items):
+        q.put(sync._Prepared(None, True, str(i), "", {}, [None, None]))  # type: ignore[arg-type,list-item]
+    q.put(sync._DONE)
+    stop = threading.Event()
+    return [sum(len(d.chunks) for d in group) for group in run._groups(q, stop)]
+
+
+def test_model_windows_start_small_grow_for_sorting_and_halve_once_everything_is_read() -> None:
+    assert _windows(300, reader_done=False) == [64, 512, 24]
+    tail = _windows(300, reader_done=True)
+    assert tail[0] == 64 and sum(tail) == 600 and len(tail) <= 8
+    assert all(a >= b for a, b in itertools.pairwise(tail[1:])) and tail[-1] <= 64
+
+
+def test_first_fill_builds_its_index_before_the_last_writes_which_go_into_it(
+    ingest_db: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = {f"doc-{i:02d}.md": f"# Doc {i}\n\n## A\n\nAlpha text {i}.\n\n## B\n\nBeta text {i}.\n" for i in range(12)}
+    root = write_corpus(tmp_path / "many", docs)
+    monkeypatch.setattr(sync, "_FIRST_WINDOW", 4)
+    monkeypatch.setattr(sync, "_WINDOW", 8)
+    writes: list[str] = []
+    built_after: list[int] = []
+    real_write, real_build = store.write_documents, store.build_hnsw_index
+
+    def counting_write(conn: Any, source: str, generation: Any, docs: list[Any], chunking: str) -> None:
+        real_write(conn, source, generation, docs, chunking)
+        writes.extend(doc.path for doc in docs)
+
+    def recording_build(conn: Any, dim: int) -> float:
+        built_after.append(len(writes))
+        return real_build(conn, dim)
+
+    monkeypatch.setattr(store, "write_documents", counting_write)
+    monkeypatch.setattr(store, "build_hnsw_index", recording_build)
+    report = sync_documents(str(root), settings=ingest_db)
+    assert (report.added, report.chunks_written) == (12, 24) and report.index_build_seconds > 0
+    assert len(built_after) == 1 and 6 <= built_after[0] < 12  # built by the writer, with documents still to write
+
+    with connect(ingest_db) as conn:
+        probe = conn.execute("SELECT embedding::text FROM chunks LIMIT 1").fetchone()
+        assert probe is not None
+        conn.execute("SET enable_seqscan = off")
+        query = ("SELECT id FROM chunks WHERE dim = 384 "
+                 "ORDER BY embedding::vector(384) <=> %s::vector(384) LIMIT 100")  # fmt: skip
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + query, probe).fetchall())
+        found = conn.execute(query, probe).fetchall()
+    assert "chunks_embedding_hnsw_384" in plan
+    assert len(found) == 24  # the chunks written after the build went into the index on insert

@@ -11,7 +11,7 @@ import pytest
 from components.db import connect
 from components.embedding import Embedder, get_embedder
 from components.errors import ConfigError
-from components.ingest import store
+from components.ingest import store, sync
 from components.ingest.sync import sync_documents
 from components.retrieval import hybrid_search, retrieve
 from components.settings import Settings
@@ -53,7 +53,7 @@ def test_model_change_builds_beside_and_switches_atomically(
 ) -> None:
     sync_documents(str(corpus), settings=ingest_db)
     new_model = _RenamedModel(get_embedder(ingest_db))
-    real_write = store.write_document
+    real_write = store.write_documents
     calls = {"n": 0}
 
     def crash_after_two(*args: Any, **kwargs: Any) -> None:
@@ -62,7 +62,9 @@ def test_model_change_builds_beside_and_switches_atomically(
             raise RuntimeError("interrupted")
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(store, "write_document", crash_after_two)
+    monkeypatch.setattr(sync, "_FIRST_WINDOW", 1)  # one document per window and transaction
+    monkeypatch.setattr(sync, "_WINDOW", 1)
+    monkeypatch.setattr(store, "write_documents", crash_after_two)
     with pytest.raises(RuntimeError):
         sync_documents(str(corpus), settings=ingest_db, embedder=new_model)
     with connect(ingest_db) as conn:
@@ -72,7 +74,7 @@ def test_model_change_builds_beside_and_switches_atomically(
         during = retrieve(conn, "Heron Berth stay", top_k=10, settings=ingest_db)
         assert len({r.document_path for r in during}) >= 3
 
-    monkeypatch.setattr(store, "write_document", real_write)
+    monkeypatch.setattr(store, "write_documents", real_write)
     report = sync_documents(str(corpus), settings=ingest_db, embedder=new_model)
     assert report.activated and report.unchanged == 2 and report.updated == 2
     assert report.index_build_seconds == 0  # same dimension: the live generation's index was never dropped
