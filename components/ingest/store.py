@@ -200,13 +200,6 @@ def chunk_id(source: str, path: str, generation_id: int, chunk: Chunk) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def write_document(
-    conn: psycopg.Connection, source: str, generation: Generation, doc: DocumentWrite, chunking: str
-) -> None:
-    """Replace one document's chunks of this generation, atomically."""
-    write_documents(conn, source, generation, [doc], chunking)
-
-
 def write_documents(
     conn: psycopg.Connection, source: str, generation: Generation, docs: list[DocumentWrite], chunking: str
 ) -> None:
