@@ -173,7 +173,13 @@ class AdapterManager:
             r.raise_for_status()
             names = {item["id"] for item in r.json().get("data", []) if item.get("id") != self.base_model}
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            replica.mark(False, f"{type(exc).__name__}: {exc}"[:200])
+            error = f"{type(exc).__name__}: {exc}"[:200]
+            refused = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            was_healthy = replica.healthy
+            out = replica.check_failed(error, refused)
+            if was_healthy:
+                state = "out of rotation" if out else f"still in rotation ({replica.failed_checks} in a row)"
+                log.warning("listing adapters on %s failed, %s: %s", replica.url, state, error)
             return None
         replica.mark(True)
         replica.set_loaded(names)

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 from serving import metrics as m
 
+# A replica whose process answers a check late or wrongly (read timeout, 5xx) stays in rotation for this many
+# more checks in a row: one slow listing on a busy host must not take the only replica out. A refused
+# connection means the process is gone, and takes it out at once.
+FAILED_CHECKS_TOLERATED = 2
+
 
 @dataclass
 class Replica:
@@ -20,11 +25,22 @@ class Replica:
     loaded: set[str] = field(default_factory=set)  # adapter names vLLM listed (or we loaded) last
     warmed: set[str] = field(default_factory=set)  # of those, the ones this gateway loaded and saw answer
     last_error: str | None = None
+    failed_checks: int = 0  # checks failed in a row
 
     def mark(self, healthy: bool, error: str | None = None) -> None:
         self.healthy = healthy
         self.last_error = error
+        if healthy:
+            self.failed_checks = 0
         m.REPLICA_HEALTHY.labels(replica=self.url).set(1 if healthy else 0)
+
+    def check_failed(self, error: str, refused: bool) -> bool:
+        """Record a failed check; True if the replica is now out of rotation (see FAILED_CHECKS_TOLERATED)."""
+        self.failed_checks += 1
+        self.last_error = error
+        if refused or self.failed_checks > FAILED_CHECKS_TOLERATED:
+            self.mark(False, error)
+        return not self.healthy
 
     def set_loaded(self, names: Iterable[str]) -> None:
         self.loaded = set(names)

@@ -109,7 +109,7 @@ def test_corrupt_adapter_is_refused_and_alias_keeps_answering(gateway: Gateway) 
     snap = gateway.snapshot()
     assert f"{gateway.alias}-v{bad}" not in snap["replicas"][0]["loaded"]
     entry = next(a for a in snap["aliases"] if a["alias"] == gateway.alias)
-    assert entry["champion_version"] == current and not entry["fallback"]
+    assert entry["champion_version"] == current and not entry["fallback"], snap
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0)
     raw = _ask(client, gateway.alias)
     assert _version_of(raw) == current
