@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     ingest_chunk_overlap: int = 32
     ingest_max_document_bytes: int = 5_000_000
     ingest_embed_batch: int = 32
+    # documents to read (new or re-chunked) from which the reader parses them in its own process, so it shares
+    # no GIL with the embedding model; 0 always, a very large number never
+    ingest_reader_process_docs: int = 200
     retrieval_ef_search: int = 64
 
     # Sample domain shipped with the repo

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from components.db import connect
-from components.ingest import store, sync
+from components.errors import ServiceError
+from components.ingest import reader, store, sync
 from components.ingest.sync import sync_documents
 from components.settings import Settings
 
@@ -56,6 +57,62 @@ def _hnsw_index_exists(settings: Settings) -> bool:
     with connect(settings) as conn:
         row = conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'chunks_embedding_hnsw_384'").fetchone()
     return row == (1,)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _reader_children(parent: int) -> list[int]:
+    """Live reader processes (``reader.read_in_child``) whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"child_main" in cmdline and _state(int(entry.name)) != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_reader_process_indexes_exactly_what_the_reader_thread_does(ingest_db: Settings, corpus: Path) -> None:
+    in_child = sync_documents(str(corpus), settings=ingest_db.model_copy(update={"ingest_reader_process_docs": 0}))
+    assert in_child.reader == "process" and (in_child.added, in_child.failed) == (4, 0)
+    by_child = _chunks_by_path(ingest_db)
+    with connect(ingest_db) as conn:
+        spans = conn.execute("SELECT text, char_start, char_end, heading FROM chunks ORDER BY 1, 2").fetchall()
+    again = sync_documents(str(corpus), settings=ingest_db, force=True)  # read again, in a thread this time
+    assert again.reader == "thread" and again.updated == 4 and again.chunks_embedded == in_child.chunks_embedded
+    assert _chunks_by_path(ingest_db) == by_child
+    with connect(ingest_db) as conn:
+        assert conn.execute("SELECT text, char_start, char_end, heading FROM chunks ORDER BY 1, 2").fetchall() == spans
+    assert _reader_children(os.getpid()) == []
+    _assert_whole(ingest_db)
+
+
+def test_reader_process_that_dies_stops_the_run_with_a_one_line_error(
+    ingest_db: Settings, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = tmp_path / "python-that-dies"
+    dead.write_text("#!/bin/sh\nkill -9 $$\n")  # what a parser crashing the interpreter looks like from outside
+    dead.chmod(0o755)
+    monkeypatch.setattr(reader.sys, "executable", str(dead))
+    settings = ingest_db.model_copy(update={"ingest_reader_process_docs": 0})
+    with pytest.raises(ServiceError) as failed:
+        sync_documents(str(corpus), settings=settings)
+    assert "the document reader process exited with code -9 before it finished" in str(failed.value)
+    assert "\n" not in str(failed.value)
+    with connect(ingest_db) as conn:
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (0,)
+    monkeypatch.undo()
+    assert sync_documents(str(corpus), settings=settings).added == 4  # the source's lock was released
 
 
 def test_first_ingest_then_rerun_embeds_nothing(
@@ -119,9 +176,11 @@ def test_edit_delete_add_change_exactly_those(ingest_db: Settings, corpus: Path)
     _assert_whole(ingest_db)
 
 
+@pytest.mark.parametrize("reader_process_docs", [1_000, 1], ids=["reader-thread", "reader-process"])
 def test_run_failing_midway_then_rerun_leaves_no_partial_document(
-    ingest_db: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ingest_db: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader_process_docs: int
 ) -> None:
+    ingest_db = ingest_db.model_copy(update={"ingest_reader_process_docs": reader_process_docs})
     docs = {f"doc-{i:02d}.md": f"# Doc {i}\n\n## A\n\nAlpha text {i}.\n\n## B\n\nBeta text {i}.\n" for i in range(12)}
     root = write_corpus(tmp_path / "many", docs)
     real_write = store.write_documents
@@ -138,6 +197,7 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
     monkeypatch.setattr(store, "write_documents", crash_after_five)
     with pytest.raises(RuntimeError, match="power cut"):
         sync_documents(str(root), settings=ingest_db)
+    assert _reader_children(os.getpid()) == []  # a reader process was killed and reaped with the run
     _assert_whole(ingest_db)
     with connect(ingest_db) as conn:
         written = conn.execute("SELECT count(*) FROM document_generations").fetchone()
@@ -147,6 +207,7 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
     monkeypatch.setattr(store, "write_documents", real_write)
     rerun = sync_documents(str(root), settings=ingest_db)
     assert (rerun.added, rerun.unchanged, rerun.failed) == (7, 5, 0)
+    assert rerun.reader == ("process" if reader_process_docs <= 7 else "thread")  # 7 documents left to read
     assert rerun.activated and rerun.index_build_seconds > 0 and _hnsw_index_exists(ingest_db)
     stored = _chunks_by_path(ingest_db)
     assert len(stored) == 12 and all(len(chunks) == 2 for chunks in stored.values())
@@ -157,13 +218,16 @@ def test_run_failing_midway_then_rerun_leaves_no_partial_document(
 def test_killed_process_then_rerun_completes(ingest_db: Settings, tmp_path: Path) -> None:
     docs = {f"d{i:03d}.md": f"# Doc {i}\n\n" + f"Paragraph {i} about berths and tides. " * 40 for i in range(60)}
     root = write_corpus(tmp_path / "killed", docs)
-    env = {**os.environ, "TANDEM_DATABASE_URL": ingest_db.database_url}
+    # The reader runs in its own process here: it must not outlive the killed run.
+    env = {**os.environ, "TANDEM_DATABASE_URL": ingest_db.database_url, "TANDEM_INGEST_READER_PROCESS_DOCS": "1"}
     cmd = [sys.executable, "-m", "components.cli", "ingest", str(root), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    readers: list[int] = []
     try:
         deadline = time.monotonic() + 180
         done = 0
         while time.monotonic() < deadline and proc.poll() is None:
+            readers = readers or _reader_children(proc.pid)
             with connect(ingest_db) as conn:
                 row = conn.execute("SELECT count(*) FROM document_generations").fetchone()
             done = row[0] if row else 0
@@ -171,9 +235,14 @@ def test_killed_process_then_rerun_completes(ingest_db: Settings, tmp_path: Path
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
+        assert len(readers) == 1, "the run did not start its reader process"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{readers[0]}").exists() and _state(readers[0]) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{readers[0]}").exists() or _state(readers[0]) == "Z", "the reader outlived its run"
     _assert_whole(ingest_db)
     rerun = sync_documents(str(root), settings=ingest_db)
     assert rerun.added + rerun.unchanged == 60 and rerun.unchanged >= done and rerun.failed == 0
@@ -181,14 +250,20 @@ def test_killed_process_then_rerun_completes(ingest_db: Settings, tmp_path: Path
     assert len(_chunks_by_path(ingest_db)) == 60
 
 
-def test_bad_files_are_quarantined_with_reason_and_retried(ingest_db: Settings, corpus: Path) -> None:
+@pytest.mark.parametrize("reader_process_docs", [1_000, 0], ids=["reader-thread", "reader-process"])
+def test_bad_files_are_quarantined_with_reason_and_retried(
+    ingest_db: Settings, corpus: Path, reader_process_docs: int
+) -> None:
     (corpus / "empty.md").write_text("   \n")
     (corpus / "latin1.txt").write_bytes("Caf\xe9 au lait".encode("latin-1"))
     (corpus / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
     (corpus / "huge.txt").write_text("word " * 5000)
-    settings = ingest_db.model_copy(update={"ingest_max_document_bytes": 20_000})
+    settings = ingest_db.model_copy(
+        update={"ingest_max_document_bytes": 20_000, "ingest_reader_process_docs": reader_process_docs}
+    )
 
     report = sync_documents(str(corpus), settings=settings)
+    assert report.reader == ("process" if reader_process_docs == 0 else "thread")
     assert report.added == 4  # the good documents went in all the same
     reasons = {f["path"]: f["reason"] for f in report.failures}
     assert sorted(reasons) == ["broken.pdf", "empty.md", "huge.txt", "latin1.txt"]
@@ -214,7 +289,7 @@ def _windows(items: int, *, reader_done: bool) -> list[int]:
         run.reader_done.set()
     q: Any = sync.queue.Queue()
     for i in range(items):
-        q.put(sync._Prepared(None, True, str(i), "", {}, [None, None]))  # type: ignore[arg-type,list-item]
+        q.put(reader.Prepared(None, True, str(i), "", {}, [None, None]))  # type: ignore[arg-type,list-item]
     q.put(sync._DONE)
     stop = threading.Event()
     return [sum(len(d.chunks) for d in group) for group in run._groups(q, stop)]
