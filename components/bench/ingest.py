@@ -202,14 +202,15 @@ def _embed_texts(folder: Path, settings: Any) -> list[str]:
     """What the model sees for every chunk of the corpus: the same loader and chunker as the sync."""
     from components.ingest.chunking import load_tokenizer
     from components.ingest.loaders import load_document
-    from components.ingest.sync import chunk_document
+    from components.ingest.reader import chunk_document
     from components.models import embedding_model_path
 
     tokenizer = load_tokenizer(embedding_model_path(settings))
     texts = []
     for path in sorted(folder.rglob("*.md")):
         doc = load_document(str(path), path.read_bytes())
-        texts += [c.embed_text for c in chunk_document(doc, tokenizer, settings)]
+        chunks = chunk_document(doc, tokenizer, settings.ingest_chunk_tokens, settings.ingest_chunk_overlap)
+        texts += [c.embed_text for c in chunks]
     return texts
 
 

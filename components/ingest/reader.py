@@ -28,7 +28,7 @@ import numpy as np
 
 from components.errors import ServiceError
 from components.ingest.chunking import Chunk, chunk_text, load_tokenizer
-from components.ingest.loaders import BadDocument, load_document
+from components.ingest.loaders import BadDocument, LoadedDocument, load_document
 from components.ingest.sources import Source, SourceFile
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,7 @@ def read_documents(
                 yield Unchanged(file.path)
                 continue
             doc = load_document(file.path, data)
-            chunks = chunk_text(
-                doc.text,
-                tokenizer=tokenizer,
-                max_tokens=spec.chunk_tokens,
-                overlap=spec.overlap,
-                title=doc.title,
-                body_start=doc.body_start,
-            )
+            chunks = chunk_document(doc, tokenizer, spec.chunk_tokens, spec.overlap)
             if not chunks:
                 raise BadDocument("no text content")
             item: Item = Prepared(file, not has_row, digest, doc.title, doc.metadata, chunks)
@@ -122,6 +115,14 @@ def read_documents(
             log.warning("loading %s failed", file.path, exc_info=True)
             item = Failed(file.path, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
         yield item
+
+
+def chunk_document(doc: LoadedDocument, tokenizer: Any, max_tokens: int, overlap: int) -> list[Chunk]:
+    """A loaded document's chunks: what the sync embeds (the benchmark times the model on the same texts)."""
+    return chunk_text(
+        doc.text, tokenizer=tokenizer, max_tokens=max_tokens, overlap=overlap, title=doc.title,
+        body_start=doc.body_start,
+    )  # fmt: skip
 
 
 def read_in_child(

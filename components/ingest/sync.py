@@ -29,8 +29,7 @@ import psycopg
 from components.embedding import Embedder, configured_model_id, get_embedder, model_dim
 from components.errors import ServiceError
 from components.ingest import store
-from components.ingest.chunking import Chunk, chunk_text, chunking_signature
-from components.ingest.loaders import LoadedDocument
+from components.ingest.chunking import chunking_signature
 from components.ingest.reader import Failed, Known, Prepared, ReadSpec, Unchanged, read_documents, read_in_child
 from components.ingest.sources import Source, SourceFile
 from components.models import embedding_model_path
@@ -354,18 +353,6 @@ class _Run:
                 self.report.failures.append({"path": item.path, "reason": item.reason})
             self.written += 1
             self._tick()
-
-
-def chunk_document(doc: LoadedDocument, tokenizer: Any, settings: Settings) -> list[Chunk]:
-    """A loaded document's chunks with the configured token budget and overlap (what the sync embeds)."""
-    return chunk_text(
-        doc.text,
-        tokenizer=tokenizer,
-        max_tokens=settings.ingest_chunk_tokens,
-        overlap=settings.ingest_chunk_overlap,
-        title=doc.title,
-        body_start=doc.body_start,
-    )
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
