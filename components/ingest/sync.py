@@ -239,7 +239,7 @@ class _Run:
         # Below the setting the child's start-up (about half a second) is not worth it.
         self.reader_in_child = to_read >= self.settings.ingest_reader_process_docs
         items = (
-            read_in_child(spec, files, known, stop.is_set)
+            read_in_child(spec, files, known, stop.is_set, src=self.src)
             if self.reader_in_child
             else read_documents(spec, files, known, src=self.src)
         )
