@@ -41,7 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.upstream_timeout_s, connect=3.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            # vLLM's server drops a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is
+            # also the reconciler's interval: reusing one as it closes fails the request with "server
+            # disconnected". Let ours expire well before.
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=2.0),
         )
         url = await anyio.to_thread.run_sync(database_url, settings)  # may start the embedded server
         db = Database(url, settings.db_pool_size)
