@@ -38,6 +38,7 @@ _HEAD_DOCS = 32  # read in the parent while the child starts (about the model's 
 
 # What the index holds for a path: (content hash, chunking signature, has a document row).
 Known = tuple[str | None, str | None, bool]
+UNKNOWN: Known = (None, None, False)  # a path the index does not hold
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def read_documents(
     tokenizer = load_tokenizer(spec.tokenizer_path)
     limit = spec.max_bytes
     for file in files:
-        hash_, chunking, has_row = known.get(file.path, (None, None, False))
+        hash_, chunking, has_row = known.get(file.path, UNKNOWN)
         try:
             if file.size > limit:
                 raise BadDocument(f"too large: {file.size} bytes, limit {limit} (TANDEM_INGEST_MAX_DOCUMENT_BYTES)")
@@ -175,9 +176,12 @@ def read_in_child(
 
 
 def _send_job(stdin: IO[bytes], job: tuple[Any, ...]) -> None:
-    with contextlib.suppress(BrokenPipeError, ValueError):  # a child that died at once is reported by the reader
-        pickle.dump(job, stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        stdin.close()
+    try:
+        with contextlib.suppress(BrokenPipeError):  # a child that died at once is reported by the reader
+            pickle.dump(job, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        with contextlib.suppress(OSError):  # closed whatever happened: a child left waiting on stdin would hang
+            stdin.close()
 
 
 def child_main() -> None:

@@ -30,7 +30,16 @@ from components.embedding import Embedder, configured_model_id, get_embedder, mo
 from components.errors import ServiceError
 from components.ingest import store
 from components.ingest.chunking import chunking_signature
-from components.ingest.reader import Failed, Known, Prepared, ReadSpec, Unchanged, read_documents, read_in_child
+from components.ingest.reader import (
+    UNKNOWN,
+    Failed,
+    Known,
+    Prepared,
+    ReadSpec,
+    Unchanged,
+    read_documents,
+    read_in_child,
+)
 from components.ingest.sources import Source, SourceFile
 from components.models import embedding_model_path
 from components.settings import Settings, get_settings
@@ -117,7 +126,6 @@ def sync_documents(
         if deferred and not run.index_built:
             run.index_build_seconds += store.build_hnsw_index(conn, dim)
         report.index_build_seconds = round(run.index_build_seconds, 3)
-        report.reader = "process" if run.reader_in_child else "thread"
         report.deleted_paths = store.delete_missing(conn, src.name, [f.path for f in files])
         report.deleted = len(report.deleted_paths)
         report.activated = store.activate_if_complete(conn, generation)
@@ -163,7 +171,6 @@ class _Run:
         self.reader_done = threading.Event()
         self.produced = 0  # documents the reader handed on (prepared or failed); final once reader_done is set
         self.written = 0
-        self.reader_in_child = False
 
     def _tick(self) -> None:
         with self._lock:
@@ -235,12 +242,13 @@ class _Run:
             chunking=self.chunking,
             force=force,
         )
-        to_read = sum(1 for f in files if force or known.get(f.path, (None, None, False))[1] != self.chunking)
+        to_read = sum(1 for f in files if force or known.get(f.path, UNKNOWN)[1] != self.chunking)
         # Below the setting the child's start-up (about half a second) is not worth it.
-        self.reader_in_child = to_read >= self.settings.ingest_reader_process_docs
+        in_child = to_read >= self.settings.ingest_reader_process_docs
+        self.report.reader = "process" if in_child else "thread"
         items = (
             read_in_child(spec, files, known, stop.is_set, src=self.src)
-            if self.reader_in_child
+            if in_child
             else read_documents(spec, files, known, src=self.src)
         )
         unchanged_failures: list[str] = []
