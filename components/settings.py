@@ -8,13 +8,38 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+
+# Data that belongs to Tandem and ships inside the package, so it is found from any working directory.
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+GENERAL_SET = PACKAGE_DATA / "general_knowledge.jsonl"
+REPLAY_SET = PACKAGE_DATA / "replay.jsonl"
+# The checkout the package runs from (site-packages when installed): the sample domain's data/ lies beside it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_repo_path(value: str | Path) -> Path:
+    """``value`` itself, or the checkout's file of that name when ``value`` is a relative path found only there.
+
+    A relative path that exists from the working directory, an absolute path, a URL and a path found nowhere
+    are returned unchanged, so ``data/sample/docs`` works from the checkout's root and from any other folder.
+    """
+    path = Path(value)
+    if "://" in str(value) or path.is_absolute() or path.exists():
+        return path
+    shipped = REPO_ROOT / path
+    return shipped if shipped.exists() else path
+
+
+class DataLocation(TypedDict):
+    path: str | None  # absolute for a local path; None when the setting is off (empty replay set)
+    exists: bool | None  # None when not checked: a URL, or the setting is off
 
 
 def _split_csv(value: object) -> object:
@@ -86,10 +111,11 @@ class Settings(BaseSettings):
     ingest_reader_process_docs: int = 200
     retrieval_ef_search: int = 64
 
-    # Sample domain shipped with the repo
-    docs_source: str = "data/sample/docs"
-    train_data: str = "data/sample/train"
-    qa_set: str = "data/sample/qa/heldout.jsonl"
+    # Sample domain shipped with the repo; a relative path missing from the working directory is looked up in the
+    # checkout (find_repo_path)
+    docs_source: str = Field(default="data/sample/docs", validate_default=True)
+    train_data: str = Field(default="data/sample/train", validate_default=True)
+    qa_set: str = Field(default="data/sample/qa/heldout.jsonl", validate_default=True)
     default_alias: str = "harbour"
 
     # Gateway (serving/): prompt, limits, adapter reconciler, upstream timeouts
@@ -128,10 +154,12 @@ class Settings(BaseSettings):
     train_seed: int = 0
     domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
     min_new_examples: int = 20
-    general_set: str = "data/sample/general/general_knowledge.jsonl"
+    # The gate's general-knowledge questions; the default ships in the package (components/data/)
+    general_set: str = str(GENERAL_SET)
     # General examples mixed into every training run (rehearsal), so the adapter keeps general knowledge; they
-    # only ever go into the training split. Empty: none. It must not be the gate's general_set.
-    train_replay_data: str = "data/sample/general/replay.jsonl"
+    # only ever go into the training split. Empty: none. It must not be the gate's general_set. The default
+    # ships in the package (components/data/).
+    train_replay_data: str = str(REPLAY_SET)
     gate_tolerance: float = 0.02  # main score may drop by at most this much
     gate_general_tolerance: float = 0.05  # general-knowledge accuracy may drop by at most this much
     gate_max_questions: int = 40  # per evaluation set
@@ -148,6 +176,32 @@ class Settings(BaseSettings):
     def _absolute_state_dir(cls, value: Path) -> Path:
         # Resolved once, so Airflow tasks and subprocesses with another cwd find the same state.
         return value.expanduser().resolve()
+
+    @field_validator("docs_source", "train_data", "qa_set", mode="after")
+    @classmethod
+    def _sample_data_from_checkout(cls, value: str) -> str:
+        found = find_repo_path(value)
+        return value if found == Path(value) else str(found)
+
+    def data_locations(self) -> dict[str, DataLocation]:
+        """Where the data Tandem reads resolves to: docs, train (the default alias's), QA, general, replay."""
+        values = {
+            "docs": self.docs_source,
+            "train": self.train_data,
+            "qa": self.qa_set,
+            "general": self.general_set,
+            "replay": self.train_replay_data.strip(),
+        }
+        out: dict[str, DataLocation] = {}
+        for name, value in values.items():
+            if not value:
+                out[name] = {"path": None, "exists": None}
+            elif "://" in value:
+                out[name] = {"path": value, "exists": None}
+            else:
+                path = Path(value).expanduser().resolve()
+                out[name] = {"path": str(path), "exists": path.exists()}
+        return out
 
     # Derived locations: all under state_dir, so two copies with different state dirs never touch.
     @property

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from components.cli._output import add_json_flag, print_json, table
-from components.settings import get_settings
+from components.settings import DataLocation, get_settings
 from components.stack import manager
 from components.stack.services import SERVICE_NAMES
 
@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_down)
 
-    p = subparsers.add_parser("status", help="show each component as up or down with its URL")
+    p = subparsers.add_parser(
+        "status", help="show each component as up or down with its URL, and where the data Tandem reads is"
+    )
     add_json_flag(p)
     p.set_defaults(func=cmd_status)
 
@@ -68,10 +70,22 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_data(locations: dict[str, DataLocation]) -> None:
+    def exists(loc: DataLocation) -> str:
+        return "not checked" if loc["exists"] is None else ("yes" if loc["exists"] else "no")
+
+    rows = [(name, loc["path"] or "(off)", exists(loc)) for name, loc in locations.items()]
+    print(table(rows, ["data", "path", "exists"]))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    items = manager.status(get_settings())
+    settings = get_settings()
+    items = manager.status(settings)
+    locations = settings.data_locations()
     if args.json:
-        print_json(manager.status_json(items))
+        print_json({"components": manager.status_json(items), "data": locations})
     else:
         _print_status(items)
+        print()
+        _print_data(locations)
     return 0

@@ -31,7 +31,7 @@ from components.evaluation.results import (
     summarise_arm,
 )
 from components.evaluation.scoring import answer_matches, percentile, recall_at_k, reciprocal_rank, source_matches
-from components.settings import Settings
+from components.settings import Settings, find_repo_path
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -206,12 +206,8 @@ def default_out_dir(settings: Settings, started: datetime) -> Path:
 
 
 def resolve_qa_path(settings: Settings, qa_path: str | Path | None) -> Path:
-    path = Path(qa_path or settings.qa_set)
-    if not path.is_absolute() and not path.exists():
-        repo_root = Path(__file__).resolve().parents[2]  # the sample QA set ships with the repo
-        if (repo_root / path).exists():
-            path = repo_root / path
-    return path
+    """The QA file to read: ``qa_path`` or settings.qa_set, looked up in the checkout when only there."""
+    return find_repo_path(qa_path or settings.qa_set)
 
 
 def run_evaluation(

@@ -4,8 +4,8 @@
 Usage: python data/sample/check_data.py
 
 Checks the knowledge base (docs/), the training examples (train/examples.jsonl),
-the held-out questions (qa/heldout.jsonl) and the general-knowledge set
-(general/general_knowledge.jsonl). PDF text is read with pypdf when it is
+the held-out questions (qa/heldout.jsonl) and the general-knowledge set, which
+ships in the package (components/data/general_knowledge.jsonl). PDF text is read with pypdf when it is
 importable, otherwise with a small built-in reader for the uncompressed-font,
 Flate-compressed PDFs in this folder. Exits with status 1 if any check fails.
 """
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent
 DOCS = ROOT / "docs"
 EXAMPLES = ROOT / "train" / "examples.jsonl"
 HELDOUT = ROOT / "qa" / "heldout.jsonl"
-GENERAL = ROOT / "general" / "general_knowledge.jsonl"
+REPO = ROOT.parents[1]
+GENERAL = REPO / "components" / "data" / "general_knowledge.jsonl"  # package data, found from any folder
 
 ORG = "Marrowdene Harbour Authority"
 SYSTEM_PREFIX = (
@@ -136,7 +137,7 @@ def check_docs():
 def read_jsonl(path):
     rows = []
     if not path.exists():
-        err(f"{path.relative_to(ROOT)}: missing")
+        err(f"{path.relative_to(REPO)}: missing")
         return rows
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -63,7 +63,7 @@ def test_vllm_answers_a_real_chat_completion(vllm_server: str, settings: Setting
 def test_status_reports_every_component(private_env: dict[str, str]) -> None:
     out = tandem("status", "--json", env=private_env)
     assert out.returncode == 0, out.stderr
-    items = {i["name"]: i for i in json.loads(out.stdout)}
+    items = {i["name"]: i for i in json.loads(out.stdout)["components"]}
     assert set(items) >= {"postgres", "vllm", "gateway", "airflow", "prometheus"}
     assert items["vllm"]["state"] == "down"
     assert items["vllm"]["url"].startswith("http://127.0.0.1:")
