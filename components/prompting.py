@@ -13,13 +13,20 @@ from typing import Any, Protocol
 class ChunkLike(Protocol):
     """The fields of ``components.retrieval.RetrievedChunk`` that prompting reads."""
 
-    chunk_id: Any
-    document_path: str
-    source: str
-    title: str | None
-    heading: Any  # "A > B" or the heading path as a list
-    text: str
-    score: float
+    @property
+    def chunk_id(self) -> Any: ...
+    @property
+    def document_path(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def title(self) -> str | None: ...
+    @property
+    def heading(self) -> Any: ...  # "A > B" or the heading path as a list
+    @property
+    def text(self) -> str: ...
+    @property
+    def score(self) -> float: ...
 
 
 INSTRUCTION = (
@@ -64,6 +71,28 @@ def build_rag_messages(messages: list[dict[str, Any]], chunks: Sequence[ChunkLik
         if own:
             prompt = f"{prompt}\n\n{own}"
     return [{"role": "system", "content": prompt}, *rest]
+
+
+def query_text(messages: Sequence[dict[str, Any]]) -> str:
+    """What retrieval is asked: the text of the last user message (text parts joined, NULs dropped: it becomes
+    a Postgres query), or ''. The gateway and the training data both retrieve with it."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            text = ""
+            if isinstance(content, str):
+                text = content
+            elif isinstance(content, list):
+                text = " ".join(
+                    str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+                )
+            return text.replace("\x00", "").strip()
+    return ""
+
+
+def decoding_defaults(settings: Any, adapter: bool) -> dict[str, Any]:
+    """The sampling fields an answer grounded in sources gets where the caller leaves them unset."""
+    return dict(settings.rag_decoding_adapter if adapter else settings.rag_decoding_base)
 
 
 def citations_for(chunks: Sequence[ChunkLike]) -> list[dict[str, Any]]:

@@ -151,3 +151,66 @@ def retrieve(
 
     embedding = get_embedder(settings).encode_query(query)
     return hybrid_search(conn, query, embedding, top_k=top_k, filters=filters)
+
+
+def serving_retriever(conn: psycopg.Connection, settings: Settings | None = None) -> Any:
+    """``(query, top_k) -> chunks`` exactly as the gateway retrieves: the same query encoder (ONNX when it
+    checks out, else torch), the same candidate count, no filters. Training data and the gate use it, so the
+    prompts they build are the prompts the gateway sends."""
+    from components.query_encoder import load_query_encoder
+
+    settings = settings or get_settings()
+    encoder = load_query_encoder(settings)
+
+    def search(query: str, top_k: int) -> list[RetrievedChunk]:
+        query = query.replace("\x00", " ").strip()
+        if not query:
+            return []
+        vector = encoder.encode_query(query)
+        return hybrid_search(conn, query, vector, top_k=top_k, candidates=settings.rag_candidates)
+
+    return search
+
+
+_DOCUMENT_CHUNKS = """
+SELECT c.chunk_id, d.path, d.source, d.title, c.heading, c.text, 0.0::float8, c.char_start, c.char_end, d.metadata
+  FROM chunks c JOIN documents d ON d.id = c.document_id
+ WHERE c.generation_id = (SELECT id FROM embedding_generations WHERE status = 'active')
+   AND (d.path = %(path)s OR right(d.path, length(%(path)s) + 1) = '/' || %(path)s)
+ ORDER BY d.id, c.ordinal
+"""
+
+
+def document_chunks(conn: psycopg.Connection, document_path: str) -> list[RetrievedChunk]:
+    """Every chunk of the active generation of the document(s) at ``document_path`` (relative to its source root,
+    or its tail), in reading order."""
+    rows = conn.execute(_DOCUMENT_CHUNKS, {"path": document_path.strip().removeprefix("./")}).fetchall()
+    return [
+        RetrievedChunk(
+            chunk_id=r[0], document_path=r[1], source=r[2], title=r[3], heading=r[4], text=r[5], score=float(r[6]),
+            char_start=r[7], char_end=r[8], metadata=dict(r[9] or {}),
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+def index_snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+    """The active generation, its chunk count and the last finished ingest: the index state a lineage records."""
+    exists = conn.execute("SELECT to_regclass('embedding_generations') IS NOT NULL").fetchone()
+    row = (
+        exists
+        and exists[0]
+        and conn.execute(
+            """SELECT g.id, g.model_id, (SELECT count(*) FROM chunks c WHERE c.generation_id = g.id),
+                  (SELECT max(finished_at) FROM ingest_runs)
+             FROM embedding_generations g WHERE g.status = 'active'"""
+        ).fetchone()
+    )
+    if not row:
+        return {"generation": None, "embedding_model": None, "chunks": 0, "last_ingest_at": None}
+    return {
+        "generation": int(row[0]),
+        "embedding_model": row[1],
+        "chunks": int(row[2]),
+        "last_ingest_at": row[3].isoformat() if row[3] else None,
+    }

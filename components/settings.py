@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -127,6 +127,15 @@ class Settings(BaseSettings):
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
     max_top_k: int = 20
+    # Decoding of answers grounded in retrieved sources, used where the caller leaves a field unset; one set for
+    # the base model, one for an alias's adapter (chosen with `tandem bench decoding`, see the README). JSON in
+    # the environment, e.g. TANDEM_RAG_DECODING_BASE='{"temperature": 0, "stop": ["\\n\\n"]}'.
+    rag_decoding_base: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 96}
+    )
+    rag_decoding_adapter: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 96}
+    )
     reconcile_interval_s: float = 5.0
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
@@ -140,6 +149,7 @@ class Settings(BaseSettings):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_layers: int = Field(default=0, ge=0)  # LoRA in the last N decoder layers only (0: all); see TrainConfig
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -151,6 +161,10 @@ class Settings(BaseSettings):
     train_micro_batch_size: int = 2  # examples per forward pass; gradient accumulation makes up train_batch_size
     train_early_stopping_patience: int = 2
     train_heldout_fraction: float = 0.1  # of each alias's examples, for validation loss and again for the gate
+    # Train as you serve: examples rendered into the gateway's RAG prompt with chunks retrieved from the live
+    # index (components/training/raft.py); off: the examples as written
+    train_with_sources: bool = True
+    train_unanswerable_share: float = Field(default=0.1, ge=0.0, lt=1.0)  # examples whose sources lack the answer
     train_seed: int = 0
     domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
     min_new_examples: int = 20
@@ -160,9 +174,9 @@ class Settings(BaseSettings):
     # only ever go into the training split. Empty: none. It must not be the gate's general_set. The default
     # ships in the package (components/data/).
     train_replay_data: str = str(REPLAY_SET)
-    gate_tolerance: float = 0.02  # main score may drop by at most this much
-    gate_general_tolerance: float = 0.05  # general-knowledge accuracy may drop by at most this much
-    gate_max_questions: int = 40  # per evaluation set
+    # the gate rejects a candidate whose loss on any set has an exact McNemar p below this (paired questions)
+    gate_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    gate_max_questions: int = 60  # per evaluation set
     gate_max_tokens: int = 64
     gate_concurrency: int = 8
     adapter_store: str = ""  # folder or fsspec URL; empty: state_dir/adapters

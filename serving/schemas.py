@@ -52,6 +52,7 @@ class ChatCompletionRequest(RagOptions):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stop: str | list[str] | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     stream_options: dict[str, Any] | None = None
 
 

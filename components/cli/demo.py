@@ -20,15 +20,22 @@ from components.stack import manager
 
 DEMO_QUESTION = "What is the capital of France? Answer in one word."
 DOMAIN_QUESTION = "What does BSR stand for at the harbour, and when is one required?"
+# Enough steps for the adapter to learn the grounded answer format on this CPU within the demo's time.
+DEMO_TRAIN_STEPS = 40
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the whole job end to end on the embedded defaults")
     p.add_argument("--question", default=DEMO_QUESTION, help="the question asked of the base model")
     p.add_argument("--domain-question", default=DOMAIN_QUESTION, help="the question asked through the gateway")
-    p.add_argument("--train-steps", type=int, default=24, help="optimizer steps for the demo's adapter (0: skip)")
-    p.add_argument("--gate-questions", type=int, default=8, help="questions per gate set for the demo's adapter")
-    p.add_argument("--eval-limit", type=int, default=10, help="held-out questions for the final table (0: skip)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=DEMO_TRAIN_STEPS,
+        help=f"optimizer steps for the demo's adapter (default {DEMO_TRAIN_STEPS}; 0: skip training)",
+    )
+    p.add_argument("--gate-questions", type=int, help="cap the questions per gate set (default: the full sets)")
+    p.add_argument("--eval-limit", type=int, help="held-out questions for the final table (default: all; 0: skip)")
     p.add_argument("--down", action="store_true", help="stop the stack when the demo ends")
     p.set_defaults(func=cmd_demo)
 
@@ -86,20 +93,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _run(["ask", args.domain_question, "--model", settings.served_model_name])
 
         if args.train_steps > 0:
-            # The demo gates on a few questions per set so it ends in minutes; `tandem train` uses the full sets.
-            if "TANDEM_GATE_MAX_QUESTIONS" not in os.environ:
+            if args.gate_questions and "TANDEM_GATE_MAX_QUESTIONS" not in os.environ:
                 os.environ["TANDEM_GATE_MAX_QUESTIONS"] = str(args.gate_questions)
                 get_settings.cache_clear()
-            _step(f"6. train a LoRA adapter for '{settings.default_alias}', gate it against the champion, promote it")
+            _step(
+                f"6. train a LoRA adapter for '{settings.default_alias}' on the prompts it will serve (retrieved "
+                "sources, cited answers), gate it against the champion on paired questions, promote it"
+            )
             _run(["train", "--alias", settings.default_alias, "--max-steps", str(args.train_steps)])
             _run(["adapters", "--alias", settings.default_alias])
 
             _step(f"7. ask the '{settings.default_alias}' alias (adapter + retrieval)")
             _run(["ask", args.domain_question, "--model", settings.default_alias])
 
-        if args.eval_limit > 0:
-            _step(f"8. RAG vs fine-tune vs hybrid on {args.eval_limit} held-out questions")
-            _run(["eval", "--alias", settings.default_alias, "--limit", str(args.eval_limit)])
+        if args.eval_limit is None or args.eval_limit > 0:
+            limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+            _step(f"8. RAG vs fine-tune vs hybrid on {args.eval_limit or 'all the'} held-out questions")
+            _run(["eval", "--alias", settings.default_alias, *limit])
     finally:
         if args.down:
             manager.down(settings)

@@ -86,12 +86,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained {result['candidate']['served_name']}: {t['global_step']} steps, val_loss {t['best_val_loss']}, "
         f"{t['tokens_per_s']} tokens/s on {t['device']}"
     )
+    rendering = t.get("rendering") or {}
+    if rendering.get("with_sources"):
+        index = rendering.get("index") or {}
+        print(
+            f"trained on the prompts it will serve: {rendering['summary']} from index generation "
+            f"{index.get('generation')} ({index.get('chunks')} chunks, last ingest {index.get('last_ingest_at')})"
+        )
+        for problem in rendering.get("left_out", [])[:5]:
+            print(f"  left out {problem}")
     gate = result["gate"]
-    print(f"gate vs {gate['baseline_model']}: candidate {gate['candidate']}  baseline {gate['baseline']}")
+    print(f"gate vs {gate['baseline_model']} ({gate.get('seconds', 0):.0f} s):")
+    for c in gate.get("comparisons", []):
+        print(
+            f"  {c['name']:<16} {c['candidate']:.3f} vs {c['baseline']:.3f} on {c['n']:>3}  "
+            f"diff {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  p={c['p']:.3g}  ({c['against']})"
+        )
     if result["promoted"]:
-        print(f"promoted {result['served_name']} via {result['via']}: {result['reason']}")
+        print(f"promoted {result['served_name']} via {result['via']}: {result['reason'].split('; ')[0]}")
     else:
-        print(f"rejected: {result['reason']}")
+        print(f"rejected: {result['reason'].split('; ')[0]}")
         for name, lost in gate.get("regressions", {}).items():
             for q in lost[:3]:
                 expected, got = q["reference"][:40], q["candidate"][:80]

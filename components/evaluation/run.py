@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from components.settings import Settings, find_repo_path
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 WARMUP_QUESTION = "Reply with the single word: ready."
+_MARKER = re.compile(r"\[(\d+)\]")
 
 
 def _headers(settings: Settings) -> dict[str, str]:
@@ -62,7 +64,9 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
     extra = resp.model_extra or {}
     citations = extra.get("citations") or []
     tandem = extra.get("tandem") or {}
-    cited = [str(c.get("document_path") or "") for c in citations if isinstance(c, dict)]
+    # What the answer cites: the sources whose [n] marker it carries (the gateway lists every retrieved one).
+    marked = {int(n) for n in _MARKER.findall(text)}
+    cited = [str(c.get("document_path") or "") for c in citations if isinstance(c, dict) and c.get("index") in marked]
     usage = resp.usage
     return Answer(
         qa_id=item.id,
@@ -79,21 +83,30 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
     )
 
 
-async def _run_arm(client: Any, arm: Arm, model: str, items: list[QAItem], settings: Settings) -> list[Answer]:
+async def _run_arm(
+    client: Any, arm: Arm, model: str, items: list[QAItem], settings: Settings, decoding: dict[str, Any] | None = None
+) -> list[Answer]:
+    """One arm's answers. Arms without retrieval ask at temperature 0 for eval_max_tokens; arms with retrieval
+    get the gateway's RAG decoding defaults, as any client would, unless ``decoding`` sets fields itself."""
     import openai
 
     sem = asyncio.Semaphore(max(1, settings.eval_concurrency))
     extra: dict[str, Any] = {"rag": arm.rag}
+    sampling: dict[str, Any] = {}
     if arm.rag:
         extra["top_k"] = settings.rag_top_k
+        sampling = dict(decoding or {})
+    else:
+        sampling = {"temperature": 0, "max_tokens": settings.eval_max_tokens}
+    openai_fields = {k: sampling.pop(k) for k in ("temperature", "max_tokens", "stop") if k in sampling}
+    extra.update(sampling)
 
     async def ask(question: str) -> Any:
         return await client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": question}],
-            temperature=0,
-            max_tokens=settings.eval_max_tokens,
             extra_body=extra,
+            **openai_fields,
         )
 
     async def one(item: QAItem) -> Answer:
@@ -170,6 +183,7 @@ async def run_arms(
     has_adapter: bool,
     on_progress: Progress | None = None,
     arm_keys: Sequence[str] | None = None,
+    decoding: dict[str, Any] | None = None,
 ) -> tuple[list[Any], RetrievalScores]:
     """Every arm in turn (or those in ``arm_keys``), then retrieval alone; adapter arms are reported as not run
     when there is no adapter."""
@@ -192,7 +206,7 @@ async def run_arms(
                 continue
             if on_progress:
                 on_progress(f"{arm.label}: {len(items)} questions through {model} (rag {arm.rag})")
-            answers = await _run_arm(client, arm, model, items, settings)
+            answers = await _run_arm(client, arm, model, items, settings, decoding)
             arms.append(summarise_arm(arm, model, answers))
     finally:
         await client.close()
@@ -221,6 +235,7 @@ def run_evaluation(
     store: bool = True,
     on_progress: Progress | None = None,
     arms: Sequence[str] | None = None,
+    decoding: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Measure the four arms on the held-out QA set through the gateway; write the report, store the scores.
 
@@ -251,7 +266,9 @@ def run_evaluation(
         index = index_state(conn)
         conn.commit()
     started = datetime.now(UTC)
-    measured, retrieval = asyncio.run(run_arms(settings, items, alias, champion is not None, on_progress, arms))
+    measured, retrieval = asyncio.run(
+        run_arms(settings, items, alias, champion is not None, on_progress, arms, decoding)
+    )
     finished = datetime.now(UTC)
     asked = [a for a in measured if a.status == "ok"]
     if asked and all(a.errors == a.questions for a in asked):

@@ -10,6 +10,14 @@ from collections.abc import Sequence
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACE = re.compile(r"\s+")
+_CITATION = re.compile(r"\[\d+\]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_STOPWORD_TEXT = (
+    "a an the and or of to in on at for by with from is are was were be been it its this that these those as "
+    "which who whom what when where how not no yes do does did has have had can could should would will may "
+    "must shall than then there their they you your our we us he she his her them if so also any all each"
+)
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 
 def normalize(text: str) -> str:
@@ -28,6 +36,15 @@ def answer_matches(prediction: str, expected: str) -> bool:
     if not want:
         return False
     return got == want or f" {want} " in f" {got} "
+
+
+def key_words(reference: str, whole: bool = False) -> list[str]:
+    """The content words of a reference answer's first sentence (or all of it with ``whole``); citation markers
+    and stop words dropped."""
+    text = _CITATION.sub(" ", reference).strip()
+    if not whole:
+        text = _SENTENCE_END.split(text, maxsplit=1)[0]
+    return [w for w in normalize(text).split() if w not in _STOPWORDS and (len(w) > 2 or w.isdigit())]
 
 
 def accuracy(predictions: Sequence[str], expected: Sequence[str]) -> float:

@@ -1,11 +1,12 @@
 """Domain training data: JSONL chat examples (or question/answer pairs) read from a folder, file or fsspec URL.
 
 Each line is either ``{"messages": [{"role": ..., "content": ...}, ...]}`` ending with an assistant turn, or
-``{"question": ..., "answer": ...}``. Bad lines are reported as ``file:line: why`` and skipped. Examples are
-normalised (whitespace collapsed), deduplicated, and hashed; the dataset version is the hash of the sorted
-example hashes, so it changes only when the set of examples does. Every example falls into train, validation
-(early stopping) or test (the evaluation gate) by its own hash, so the split is stable across runs and a new
-example never moves an old one.
+``{"question": ..., "answer": ...}``, optionally with ``"source"`` (the document that holds the answer) and
+``"rag": false`` (a plain example, trained without sources; see ``components.training.raft``). Bad lines are
+reported as ``file:line: why`` and skipped. Examples are normalised (whitespace collapsed), deduplicated, and
+hashed; the dataset version is the hash of the sorted example hashes, so it changes only when the set of
+examples does. Every example falls into train, validation (early stopping) or test (the evaluation gate) by
+its own hash, so the split is stable across runs and a new example never moves an old one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Example:
     messages: tuple[tuple[str, str], ...]  # (role, content), normalised
     origin: str  # file:line of its first occurrence
     digest: str
+    source: str | None = None  # the document that holds the answer, when the example names it
+    plain: bool = False  # "rag": false: trained without sources (vocabulary, format, tone)
 
     def as_messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -110,6 +113,17 @@ def parse_record(record: Any) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
+def record_options(record: dict[str, Any]) -> tuple[str | None, bool]:
+    """The optional ``source`` (a document path) and ``rag`` (false: a plain example) of one record."""
+    source = record.get("source")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise ValueError('"source" must be a document path (a non-empty string)')
+    rag = record.get("rag", True)
+    if not isinstance(rag, bool):
+        raise ValueError('"rag" must be true or false')
+    return (source.strip() if source else None), not rag
+
+
 def example_digest(turns: tuple[tuple[str, str], ...]) -> str:
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()
 
@@ -144,7 +158,9 @@ def load_dataset(location: str) -> Dataset:
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    turns = parse_record(json.loads(line))
+                    record = json.loads(line)
+                    turns = parse_record(record)
+                    source, plain = record_options(record)
                 except json.JSONDecodeError as exc:
                     ds.problems.append(f"{where}: not JSON ({exc.msg})")
                     continue
@@ -156,7 +172,7 @@ def load_dataset(location: str) -> Dataset:
                     ds.duplicates += 1
                     continue
                 seen.add(digest)
-                ds.examples.append(Example(turns, where, digest))
+                ds.examples.append(Example(turns, where, digest, source, plain))
     if not ds.examples:
         raise ConfigError(f"no valid examples in {location} ({len(ds.problems)} bad lines, first: {ds.problems[:1]})")
     return ds

@@ -1,42 +1,38 @@
-"""The evaluation gate: a candidate adapter is scored against the champion (or the base model) through vLLM.
+"""The evaluation gate: a candidate adapter and its baseline (the champion, else the base model) are asked the same
+questions through vLLM, and paired outcomes decide.
 
-Both are asked the same questions, at temperature 0, with the same prompts:
+Sets, built once so both models see the same text:
 
-* ``split``: the held-out test split of the alias's own training data (scored by ``reference_hit``),
-* ``qa``: the held-out QA set (settings.qa_set; short reference answers, contained match),
-* each of those again ``_rag``: with chunks from ``components.retrieval`` in the gateway's RAG prompt,
-* ``general``: the general-knowledge set (settings.general_set) the base model gets right.
+* ``general``: the general-knowledge set (settings.general_set), without retrieval: what the base model knows;
+* ``split_rag``: the held-out test split of the alias's own data, in the gateway's RAG prompt (rendered by
+  ``components.training.raft``, as the adapter was trained), scored by ``reference_hit``;
+* ``qa_rag``: the domain QA set (settings.qa_set) in the gateway's RAG prompt, contained match;
+* ``split`` / ``qa``: the same questions without sources, only when retrieval is unavailable.
 
-The main score is the mean of the domain scores that could be measured (split, qa, and their _rag twins).
-The candidate is promoted only if (1) its rank fits vLLM's max LoRA rank, (2) its main score is not below the
-champion's by more than ``gate_tolerance``, (3) it beats the champion on at least one domain score, and (4) its
-general-knowledge accuracy is not below the champion's by more than ``gate_general_tolerance``.
+Each set is compared question by question with the exact McNemar test and a 95 % interval of the difference
+(Agresti-Min). The candidate is rejected when its rank does not fit vLLM, on a significant loss (p < gate_alpha)
+on any set, against the champion and, for general knowledge, against the base model too (so losses cannot
+accumulate over generations), or when it gains nothing on the pooled domain questions. One question changing
+is not a significant loss.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from components.evaluation.scoring import answer_matches, normalize
+from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, normalize
 from components.settings import Settings
 from components.training.data import Example
 from components.training.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
-DOMAIN_SETS = ("split", "qa", "split_rag", "qa_rag")
-_CITATION = re.compile(r"\[\d+\]")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
-_STOPWORD_TEXT = (
-    "a an the and or of to in on at for by with from is are was were be been it its this that these those as "
-    "which who whom what when where how not no yes do does did has have had can could should would will may "
-    "must shall than then there their they you your our we us he she his her them if so also any all each"
-)
-_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+DOMAIN_SETS = ("split_rag", "qa_rag", "split", "qa")
+GENERAL = "general"
 
 
 @dataclass
@@ -44,6 +40,28 @@ class Question:
     messages: list[dict[str, Any]]
     reference: str
     short: bool  # short reference: contained match; long: key-word recall of its first sentence
+    rag: bool = False
+
+
+@dataclass
+class Comparison:
+    """One set, candidate against a baseline, on the same questions."""
+
+    name: str
+    against: str
+    n: int
+    candidate: float
+    baseline: float
+    diff: float
+    low: float
+    high: float
+    p: float
+
+    def line(self) -> str:
+        return (
+            f"{self.name} vs {self.against}: {self.candidate:.3f} vs {self.baseline:.3f} on {self.n}, "
+            f"difference {self.diff:+.3f} [95% {self.low:+.3f}, {self.high:+.3f}], McNemar p={self.p:.3g}"
+        )
 
 
 @dataclass
@@ -58,15 +76,11 @@ class GateResult:
     notes: list[str] = field(default_factory=list)
     # Per set, a few questions the baseline got right and the candidate got wrong: why a candidate lost.
     regressions: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def key_words(reference: str) -> list[str]:
-    """The content words of a reference answer's first sentence (citations and stop words dropped)."""
-    first = _SENTENCE_END.split(_CITATION.sub(" ", reference).strip(), maxsplit=1)[0]
-    return [w for w in normalize(first).split() if w not in _STOPWORDS and (len(w) > 2 or w.isdigit())]
 
 
 def reference_hit(prediction: str, reference: str, short: bool) -> bool:
@@ -81,46 +95,80 @@ def reference_hit(prediction: str, reference: str, short: bool) -> bool:
     return sum(w in got for w in words) / len(words) >= 0.6
 
 
-def main_score(scores: dict[str, float]) -> float:
-    present = [scores[k] for k in DOMAIN_SETS if k in scores]
-    return sum(present) / len(present) if present else 0.0
+def paired_difference(
+    candidate: Sequence[bool], baseline: Sequence[bool], z: float = 1.96
+) -> tuple[float, float, float]:
+    """The difference in accuracy (candidate - baseline) on paired outcomes and its interval, by Agresti and Min
+    (2005): half an observation added to each of the four cells, then the Wald interval for matched pairs."""
+    if len(candidate) != len(baseline):
+        raise ValueError("paired outcomes differ in length")
+    n = len(candidate)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    only_c = sum(1 for c, b in zip(candidate, baseline, strict=True) if c and not b)
+    only_b = sum(1 for c, b in zip(candidate, baseline, strict=True) if b and not c)
+    diff = (only_c - only_b) / n
+    n2, c2, b2 = n + 2, only_c + 0.5, only_b + 0.5
+    d2 = (c2 - b2) / n2
+    half = z * math.sqrt(max(0.0, (c2 + b2) - (c2 - b2) ** 2 / n2)) / n2
+    return diff, max(-1.0, d2 - half), min(1.0, d2 + half)
+
+
+def compare(name: str, against: str, candidate: Sequence[bool], baseline: Sequence[bool]) -> Comparison:
+    diff, low, high = paired_difference(candidate, baseline)
+    n = len(candidate)
+    return Comparison(
+        name=name,
+        against=against,
+        n=n,
+        candidate=round(sum(candidate) / n, 4) if n else 0.0,
+        baseline=round(sum(baseline) / n, 4) if n else 0.0,
+        diff=round(diff, 4),
+        low=round(low, 4),
+        high=round(high, 4),
+        p=round(mcnemar_p(candidate, baseline), 6),
+    )
 
 
 def decide(
-    candidate: dict[str, float],
-    baseline: dict[str, float],
-    tolerance: float,
-    general_tolerance: float,
-    base_general: float | None = None,
-    baseline_name: str = "the champion",
-) -> tuple[bool, list[str]]:
-    """The promotion rule on two score sheets; returns (promote, reasons).
+    hits: dict[str, list[bool]],
+    baseline_hits: dict[str, list[bool]],
+    alpha: float,
+    baseline_name: str = "the base model",
+    base_general: list[bool] | None = None,
+) -> tuple[bool, list[str], list[Comparison]]:
+    """The promotion rule on per-question outcomes; returns (promote, reasons, comparisons).
 
-    General knowledge is held against the champion and, when given, the base model's own score
-    (``base_general``), whichever is higher: against the champion alone, each generation could lose a little
-    more than the last.
+    Rejects on a significant loss (McNemar p < alpha) on any set, or on general knowledge against the base
+    model's own answers (``base_general``, when the baseline is a champion); also when the pooled domain
+    questions show no gain. Every comparison's interval goes into the reasons.
     """
-    reasons = []
-    c_main, b_main = main_score(candidate), main_score(baseline)
-    if c_main < b_main - tolerance:
-        reasons.append(f"main score {c_main:.3f} is below {baseline_name}'s {b_main:.3f} by more than {tolerance}")
-    better = [k for k in DOMAIN_SETS if k in candidate and candidate[k] > baseline.get(k, 0.0)]
-    if not better:
-        reasons.append(f"better than {baseline_name} on no domain score")
-    if "general" in candidate:
-        refs = {baseline_name: baseline.get("general", 0.0)}
-        if base_general is not None:
-            refs["the base model"] = base_general
-        whose, ref = max(refs.items(), key=lambda kv: kv[1])
-        if candidate["general"] < ref - general_tolerance:
-            reasons.append(
-                f"general knowledge dropped from {ref:.3f} ({whose}) to {candidate['general']:.3f} "
-                f"(more than {general_tolerance})"
-            )
-    if not reasons:
-        reasons.append(f"main score {c_main:.3f} vs {b_main:.3f}; better on {', '.join(better)}")
-        return True, reasons
-    return False, reasons
+    comparisons = [
+        compare(name, baseline_name, hits[name], baseline_hits[name]) for name in hits if name in baseline_hits
+    ]
+    if base_general is not None and GENERAL in hits:
+        comparisons.append(compare(GENERAL, "the base model", hits[GENERAL], base_general))
+    domain = [name for name in DOMAIN_SETS if name in hits and name in baseline_hits]
+    pooled = None
+    if len(domain) > 1:
+        pooled = compare(
+            "domain (pooled)",
+            baseline_name,
+            [h for name in domain for h in hits[name]],
+            [h for name in domain for h in baseline_hits[name]],
+        )
+        comparisons.append(pooled)
+    elif domain:
+        pooled = next(c for c in comparisons if c.name == domain[0])
+    failures = [f"significant loss: {c.line()}" for c in comparisons if c.diff < 0 and c.p < alpha]
+    if pooled is None:
+        failures.append("no domain questions to judge the candidate on (no test split, no QA set)")
+    elif pooled.diff <= 0 and not any(c.name == pooled.name for c in comparisons if c.diff < 0 and c.p < alpha):
+        failures.append(f"no gain on the domain: {pooled.line()}")
+    lines = [c.line() for c in comparisons]
+    if failures or pooled is None:
+        return False, [*failures, *(x for x in lines if not any(x in f for f in failures))], comparisons
+    return True, [f"no significant loss (p < {alpha}) and a domain gain: {pooled.line()}", *lines], comparisons
 
 
 def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:
@@ -137,49 +185,85 @@ def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:
 
 
 def build_question_sets(
-    settings: Settings, test_split: Sequence[Example], retrieve: Callable[[str], Sequence[Any]] | None
+    settings: Settings,
+    test_split: Sequence[Example],
+    retrieve: Callable[[str, int], Sequence[Any]] | None,
 ) -> tuple[dict[str, list[Question]], list[str]]:
-    """The prompts both models are asked, built once so the candidate and the champion see the same text."""
+    """The prompts both models are asked, built once so the candidate and the baseline see the same text."""
+    from components.prompting import build_rag_messages, query_text
+    from components.training.raft import render_example, without_old_sources
+
     limit = settings.gate_max_questions
     notes: list[str] = []
-    sets: dict[str, list[Question]] = {"split": [], "qa": [], "general": []}
-    for ex in list(test_split)[:limit]:
-        turns = [m for m in ex.prompt if m["role"] != "system"]  # the sources a training example carries go
-        sets["split"].append(Question(turns, ex.answer, short=len(ex.answer.split()) <= 6))
-    for row in _read_qa(settings.qa_set, limit):
-        sets["qa"].append(Question([{"role": "user", "content": row["question"]}], str(row["answer"]), True))
-    for row in _read_qa(settings.general_set, limit):
-        sets["general"].append(Question([{"role": "user", "content": row["question"]}], str(row["answer"]), True))
+    general = _read_qa(settings.general_set, limit)
+    sets: dict[str, list[Question]] = {
+        GENERAL: [Question([{"role": "user", "content": r["question"]}], str(r["answer"]), True) for r in general]
+    }
+    qa = [
+        Question([{"role": "user", "content": r["question"]}], str(r["answer"]), True)
+        for r in _read_qa(settings.qa_set, limit)
+    ]
+    split = [
+        Question(without_old_sources(ex)[:-1], ex.answer, short=len(ex.answer.split()) <= 6)
+        for ex in [e for e in test_split if not e.plain][:limit]
+    ]
     if retrieve is None:
-        notes.append("retrieval unavailable: scored without retrieval only")
-    else:
-        from components.prompting import build_rag_messages
-
-        for name in ("split", "qa"):
-            rag = []
-            for q in sets[name]:
-                chunks = retrieve(str(q.messages[-1]["content"]))
-                rag.append(
-                    Question(build_rag_messages(q.messages, chunks, settings.assistant_org), q.reference, q.short)
-                )
-            sets[f"{name}_rag"] = rag
+        notes.append("retrieval unavailable: domain questions asked without sources")
+        sets["split"], sets["qa"] = split, qa
+        return {k: v for k, v in sets.items() if v}, notes
+    top_k = settings.rag_top_k
+    sets["qa_rag"] = [
+        Question(build_rag_messages(q.messages, retrieve(query_text(q.messages), top_k), settings.assistant_org),
+                 q.reference, q.short, rag=True)
+        for q in qa
+    ]  # fmt: skip
+    rendered = []
+    for ex in [e for e in test_split if not e.plain][:limit]:
+        conversation, _ = render_example(ex, retrieve, settings.assistant_org, top_k, unanswerable_share=0.0)
+        if conversation is not None:
+            prompt = conversation[:-1]
+        else:  # its answer is in no retrieved chunk: asked with the sources it gets, as the gateway would
+            turns = without_old_sources(ex)[:-1]
+            prompt = build_rag_messages(turns, retrieve(query_text(turns), top_k), settings.assistant_org)
+        rendered.append(Question(prompt, ex.answer, short=len(ex.answer.split()) <= 6, rag=True))
+    sets["split_rag"] = rendered
     return {k: v for k, v in sets.items() if v}, notes
 
 
-def score_model(
-    client: VllmClient, model: str, sets: dict[str, list[Question]], max_tokens: int, concurrency: int
-) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """Accuracy per set for one served model, asking questions concurrently (vLLM batches them)."""
-    scores: dict[str, float] = {}
-    answers: dict[str, list[str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for name, questions in sets.items():
-            got = list(pool.map(lambda q: client.chat(model, q.messages, max_tokens), questions))
-            answers[name] = got
-            hits = [reference_hit(a, q.reference, q.short) for a, q in zip(got, questions, strict=True)]
-            scores[name] = round(sum(hits) / len(hits), 4)
-    scores["main"] = round(main_score(scores), 4)
-    return scores, answers
+def answer_all(
+    client: VllmClient, model: str, sets: dict[str, list[Question]], settings: Settings
+) -> dict[str, list[str]]:
+    """Every question of every set, asked concurrently (vLLM batches them); RAG questions with the gateway's
+    RAG decoding defaults."""
+    from components.prompting import decoding_defaults
+
+    def ask(q: Question) -> str:
+        sampling = decoding_defaults(settings, adapter=model != settings.served_model_name) if q.rag else {}
+        max_tokens = int(sampling.pop("max_tokens", settings.gate_max_tokens))
+        return client.chat(model, q.messages, min(max_tokens, settings.gate_max_tokens), **sampling)
+
+    flat = [(name, q) for name, questions in sets.items() for q in questions]
+    with ThreadPoolExecutor(max_workers=max(1, settings.gate_concurrency)) as pool:
+        got = list(pool.map(lambda item: ask(item[1]), flat))
+    answers: dict[str, list[str]] = {name: [] for name in sets}
+    for (name, _), answer in zip(flat, got, strict=True):
+        answers[name].append(answer)
+    return answers
+
+
+def outcomes(sets: dict[str, list[Question]], answers: dict[str, list[str]]) -> dict[str, list[bool]]:
+    return {
+        name: [reference_hit(a, q.reference, q.short) for a, q in zip(answers[name], questions, strict=True)]
+        for name, questions in sets.items()
+    }
+
+
+def accuracy(hits: dict[str, list[bool]]) -> dict[str, float]:
+    scores = {name: round(sum(h) / len(h), 4) for name, h in hits.items() if h}
+    domain = [h for name in DOMAIN_SETS for h in hits.get(name, [])]
+    if domain:
+        scores["main"] = round(sum(domain) / len(domain), 4)
+    return scores
 
 
 def regressions(
@@ -201,19 +285,17 @@ def regressions(
     return found
 
 
-def make_retriever(settings: Settings, conn: Any) -> Callable[[str], Sequence[Any]] | None:
-    """``components.retrieval.retrieve`` bound to a connection, or None when retrieval is not set up."""
+def make_retriever(settings: Settings, conn: Any) -> Callable[[str, int], Sequence[Any]] | None:
+    """The gateway's retrieval bound to a connection, or None when there is no index to retrieve from."""
+    from components.retrieval import index_snapshot, serving_retriever
+
     try:
-        from components.retrieval import retrieve
-    except ImportError:
-        return None
-    try:
-        if not retrieve(conn, "harbour", 1):
+        if not index_snapshot(conn)["chunks"]:
             return None  # nothing ingested: retrieval would add empty prompts
-    except Exception as exc:  # no chunks table yet, no embedder: score without retrieval
+        conn.commit()
+        return serving_retriever(conn, settings)
+    except Exception as exc:  # no embedder, a broken index: score without retrieval, and say so
         log.warning("retrieval unavailable for the gate: %s", exc)
         if hasattr(conn, "rollback"):
             conn.rollback()
         return None
-    top_k = settings.rag_top_k
-    return lambda query: retrieve(conn, query, top_k)

@@ -6,10 +6,12 @@ check_new_data -> train_candidate (once, or once per sweep point) -> pick_best -
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,14 +24,17 @@ from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 from components.training import artifacts
-from components.training.data import Dataset, data_location, load_dataset, split_dataset
+from components.training.data import Dataset, Example, data_location, load_dataset, split_dataset
 from components.training.gate import (
+    GENERAL,
     GateResult,
+    accuracy,
+    answer_all,
     build_question_sets,
     decide,
     make_retriever,
+    outcomes,
     regressions,
-    score_model,
 )
 from components.training.lora import ProgressFn, TrainConfig, train_adapter
 from components.training.promotion import promote, stage
@@ -105,20 +110,26 @@ def train_candidate(
     progress: ProgressFn | None = None,
     callbacks: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
-    """Train one adapter; its run folder is named by dataset version and config, so a rerun resumes it."""
+    """Train one adapter; its run folder is named by the rendered data and config, so a rerun resumes it."""
     from components.models import base_model_path
 
     ds = _load(settings, alias, data)
     split = split_dataset(ds.examples, settings.train_heldout_fraction)
     config = TrainConfig.from_settings(settings, **(overrides or {}))
     replay = load_replay(settings, exclude=ds.digests)
-    run_id = f"{ds.version}-{config.fingerprint()}" + (f"-r{replay.version[:6]}" if replay else "")
+    train, validation, rendering = training_conversations(settings, split.train, split.validation)
+    if progress is not None and rendering["with_sources"]:
+        progress(
+            {"message": f"rendered {rendering['summary']} from index generation {rendering['index']['generation']}"}
+        )
+    rendered_hash = hashlib.sha256(json.dumps([train, validation], sort_keys=True).encode()).hexdigest()[:6]
+    run_id = f"{ds.version}-{config.fingerprint()}-p{rendered_hash}" + (f"-r{replay.version[:6]}" if replay else "")
     folder = run_dir(settings, alias, run_id)
     folder.mkdir(parents=True, exist_ok=True)
     result = train_adapter(
         base_model_path(settings),
-        [e.as_messages() for e in [*split.train, *(replay.examples if replay else [])]],
-        [e.as_messages() for e in split.validation],
+        [*train, *(e.as_messages() for e in (replay.examples if replay else []))],
+        validation,
         config,
         folder,
         progress=progress,
@@ -129,6 +140,7 @@ def train_candidate(
         "location": ds.location,
         "digests": sorted(ds.digests),
         "test_digests": sorted(e.digest for e in split.test),
+        "rendering": rendering,
     }
     Path(result.adapter_dir, artifacts.MANIFEST).write_text(json.dumps(manifest))
     return {
@@ -139,10 +151,64 @@ def train_candidate(
         "dataset_version": ds.version,
         "dataset_size": len(ds.examples),
         "n_test": len(split.test),
+        "rendering": rendering,
         "replay": {"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
         if replay
         else None,
     }
+
+
+def training_conversations(
+    settings: Settings, train: list[Example], validation: list[Example]
+) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]], dict[str, Any]]:
+    """The train and validation conversations, rendered into the gateway's RAG prompt from the live index
+    (``components.training.raft``), or as written when that is off or there is no index. The third value is the
+    lineage: index state, what was rendered, which lines were left out."""
+    from components.prompting import system_prompt
+    from components.retrieval import document_chunks, index_snapshot, serving_retriever
+    from components.training.raft import RenderReport, render_examples
+
+    plain: dict[str, Any] = {"with_sources": False, "index": None, "summary": {}, "left_out": []}
+    if not settings.train_with_sources:
+        return [e.as_messages() for e in train], [e.as_messages() for e in validation], plain
+    with connect(settings) as conn:
+        index = index_snapshot(conn)
+        conn.commit()
+        if not index["chunks"]:
+            log.warning("no document index yet: the adapter is trained on the examples as written, without sources")
+            return [e.as_messages() for e in train], [e.as_messages() for e in validation], {**plain, "index": index}
+        retrieve = serving_retriever(conn, settings)
+
+        def render(examples: list[Example]) -> RenderReport:
+            return render_examples(
+                examples,
+                retrieve,
+                settings.assistant_org,
+                settings.rag_top_k,
+                unanswerable_share=settings.train_unanswerable_share,
+                document_chunks=lambda path: document_chunks(conn, path),
+            )
+
+        rendered_train, rendered_val = render(train), render(validation)
+    left_out = [*rendered_train.problems, *rendered_val.problems]
+    for problem in left_out[:20]:
+        log.warning("left out of training: %s", problem)
+    if not rendered_train.conversations:
+        raise ConfigError(
+            f"no training example could be grounded in the index ({len(left_out)} left out, first: {left_out[:1]}); "
+            'ingest the documents that hold the answers, name each example\'s "source", or mark plain ones '
+            '"rag": false'
+        )
+    summary = dict(rendered_train.kinds + rendered_val.kinds)
+    lineage = {
+        "with_sources": True,
+        "index": index,
+        "top_k": settings.rag_top_k,
+        "prompt": hashlib.sha256(system_prompt([], settings.assistant_org).encode()).hexdigest()[:12],
+        "summary": summary,
+        "left_out": left_out,
+    }
+    return rendered_train.conversations, rendered_val.conversations, lineage
 
 
 def load_replay(settings: Settings, exclude: Iterable[str] = ()) -> Dataset | None:
@@ -207,7 +273,12 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
             )
         }
     }
-    hyper = {**trained["config"], "sweep": trained.get("sweep", []), "replay": trained.get("replay")}
+    hyper = {
+        **trained["config"],
+        "sweep": trained.get("sweep", []),
+        "replay": trained.get("replay"),
+        "rendering": trained.get("rendering"),
+    }
     with connect(settings) as conn:
         version = registry.register_candidate(
             conn,
@@ -224,11 +295,13 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
 
 
 def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None = None) -> dict[str, Any]:
-    """Score the candidate and the champion (or base model) the same way through vLLM and decide.
+    """Ask the candidate and the champion (or base model) the same questions through vLLM and decide on the
+    paired outcomes (``components.training.gate``).
 
     The rank is checked first: a too-large adapter is rejected without being sent to vLLM. A rejected
-    candidate is unloaded again; the verdict and both score sheets are recorded in the registry.
+    candidate is unloaded again; the verdict, both score sheets and every comparison go into the registry.
     """
+    started = time.monotonic()
     ds = _load(settings, alias, data)
     split = split_dataset(ds.examples, settings.train_heldout_fraction)
     with connect(settings) as conn:
@@ -238,7 +311,8 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             result = GateResult(False, [f"LoRA rank {cand.lora_rank} exceeds max_lora_rank {settings.max_lora_rank}"])
             _record(conn, alias, version, result)
             return result.as_dict()
-        sets, notes = build_question_sets(settings, split.test, make_retriever(settings, conn))
+        retriever = make_retriever(settings, conn) if settings.train_with_sources else None
+        sets, notes = build_question_sets(settings, split.test, retriever)
     with VllmClient(settings.vllm_endpoints[0]) as client:
         client.load_adapter(cand.served_name, artifacts.local_path(settings, cand.artifact_uri))
         if champion is not None and champion.version != version:
@@ -246,28 +320,32 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             baseline_model = champion.served_name
         else:
             baseline_model = settings.served_model_name
-        args = (sets, settings.gate_max_tokens, settings.gate_concurrency)
-        cand_scores, cand_answers = score_model(client, cand.served_name, *args)
-        base_scores, base_answers = score_model(client, baseline_model, *args)
+        cand_answers = answer_all(client, cand.served_name, sets, settings)
+        base_answers = answer_all(client, baseline_model, sets, settings)
+        cand_hits, base_hits = outcomes(sets, cand_answers), outcomes(sets, base_answers)
         against_base = baseline_model == settings.served_model_name
         base_general = None
-        if not against_base and "general" in sets:  # the base model anchors general knowledge
-            general_only = {"general": sets["general"]}
-            base_general = score_model(client, settings.served_model_name, general_only, *args[1:])[0]["general"]
+        if not against_base and GENERAL in sets:  # the base model anchors general knowledge
+            general_only = {GENERAL: sets[GENERAL]}
+            base_general = outcomes(
+                general_only, answer_all(client, settings.served_model_name, general_only, settings)
+            )
         against = "the base model" if against_base else "the champion"
-        ok, reasons = decide(
-            cand_scores, base_scores, settings.gate_tolerance, settings.gate_general_tolerance, base_general, against
+        ok, reasons, comparisons = decide(
+            cand_hits, base_hits, settings.gate_alpha, against, base_general[GENERAL] if base_general else None
         )
         result = GateResult(
             ok,
             reasons,
-            cand_scores,
-            base_scores,
+            accuracy(cand_hits),
+            accuracy(base_hits),
             baseline_model,
-            base_general,
+            accuracy(base_general)[GENERAL] if base_general else None,
             {k: len(v) for k, v in sets.items()},
             notes,
             regressions(sets, cand_answers, base_answers),
+            [asdict(c) for c in comparisons],
+            round(time.monotonic() - started, 1),
         )
         if not ok:
             client.unload_adapter(cand.served_name)

@@ -60,12 +60,10 @@ class VllmClient:
         if resp.status_code >= 400:
             raise ServiceError(f"vLLM could not unload adapter {name}: {resp.status_code} {resp.text[:300]}")
 
-    def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        """A deterministic answer (temperature 0)."""
-        resp = self._post(
-            "/v1/chat/completions",
-            {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens},
-        )
+    def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int, **sampling: Any) -> str:
+        """A deterministic answer (temperature 0 unless ``sampling`` says otherwise)."""
+        body = {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens, **sampling}
+        resp = self._post("/v1/chat/completions", body)
         if resp.status_code >= 400:
             raise ServiceError(f"vLLM answered {resp.status_code} for model {model}: {resp.text[:300]}")
         return str(resp.json()["choices"][0]["message"]["content"] or "")

@@ -11,7 +11,7 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from components.prompting import build_rag_messages, citations_for
+from components.prompting import build_rag_messages, citations_for, decoding_defaults, query_text
 from serving import metrics as m
 from serving.adapters import Route
 from serving.deps import Gateway, GatewayDep
@@ -23,20 +23,6 @@ from serving.upstream import Upstream, open_chat
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 FALLBACK_HEADER = "x-tandem-fallback"
 _TANDEM_FIELDS = {"rag", "top_k", "filters"}
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user message (text parts joined, NULs dropped: it becomes a Postgres query), or ''."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            text = ""
-            if isinstance(content, str):
-                text = content
-            elif isinstance(content, list):
-                text = " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-            return text.replace("\x00", "")
-    return ""
 
 
 def check_limits(req: ChatCompletionRequest, gw: Gateway) -> None:
@@ -80,24 +66,49 @@ async def _relay_error(up: Upstream) -> Response:
     return JSONResponse(error_body(502, f"vLLM answered {status}: {detail}", code="upstream_error"), status_code=502)
 
 
+async def grounded_messages(req: ChatCompletionRequest, gw: Gateway) -> tuple[list[dict[str, Any]], list[Any], bool]:
+    """The messages the model is sent (the RAG prompt when retrieval is on), the chunks, and whether it was on.
+    Training renders its examples with the same builder (components/training/raft.py)."""
+    messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
+    query = query_text(messages) if req.rag else ""
+    if not query:
+        return messages, [], False
+    chunks = await gw.retriever.search(query, req.top_k or gw.settings.rag_top_k, req.filters)
+    return build_rag_messages(messages, chunks, gw.settings.assistant_org), chunks, True
+
+
+@router.post("/v1/chat/prompt", summary="The messages a chat request would send to the model, without generating")
+async def chat_prompt(req: ChatCompletionRequest, gw: GatewayDep) -> dict[str, Any]:
+    check_limits(req, gw)
+    gw.adapters.resolve(req.model)
+    messages, chunks, rag = await grounded_messages(req, gw)
+    adapter = req.model != gw.settings.served_model_name
+    return {
+        "messages": messages,
+        "citations": citations_for(chunks),
+        "rag": rag,
+        "decoding": decoding_defaults(gw.settings, adapter=adapter) if rag else {},
+    }
+
+
 @router.post("/v1/chat/completions", summary="OpenAI chat completions, grounded in retrieved documents")
 async def chat_completions(req: ChatCompletionRequest, request: Request, gw: GatewayDep) -> Response:
     check_limits(req, gw)
     gw.adapters.resolve(req.model)  # unknown model: 404 before any retrieval work
     request.state.alias = req.model
-    messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
-    query = last_user_text(messages) if req.rag else ""
-    chunks: list[Any] = []
-    if query.strip():
-        chunks = await gw.retriever.search(query, req.top_k or gw.settings.rag_top_k, req.filters)
-        messages = build_rag_messages(messages, chunks, gw.settings.assistant_org)
-    rag = bool(query.strip())
+    messages, chunks, rag = await grounded_messages(req, gw)
     citations = citations_for(chunks)
 
     body = req.model_dump(exclude=_TANDEM_FIELDS, exclude_none=True)
     body["messages"] = messages
+    default_max = gw.settings.default_max_tokens
+    if rag:  # grounded answers: the measured decoding defaults, where the caller set nothing
+        defaults = decoding_defaults(gw.settings, adapter=req.model != gw.settings.served_model_name)
+        default_max = int(defaults.pop("max_tokens", default_max))
+        for key, value in defaults.items():
+            body.setdefault(key, value)
     if req.max_tokens is None and req.max_completion_tokens is None:
-        body["max_tokens"] = min(gw.settings.default_max_tokens, gw.settings.max_tokens_limit)
+        body["max_tokens"] = min(default_max, gw.settings.max_tokens_limit)
     wants_usage = bool((req.stream_options or {}).get("include_usage"))
     if req.stream:
         body["stream_options"] = {**(req.stream_options or {}), "include_usage": True}

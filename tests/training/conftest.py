@@ -66,6 +66,8 @@ def train_env(tmp_path_factory: pytest.TempPathFactory, base_model_dir: str) -> 
         "TANDEM_GATE_MAX_QUESTIONS": "3",
         "TANDEM_GATE_MAX_TOKENS": "16",
         "TANDEM_ADAPTER_STORE": f"file://{root / 'store'}",
+        # these facts are in no index: trained and gated as written (train as you serve has its own tests)
+        "TANDEM_TRAIN_WITH_SOURCES": "false",
         "TANDEM_DOMAIN_DATA_ROOT": str(root / "domain"),
     }
     with pytest.MonkeyPatch.context() as mp:
