@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     train_learning_rate: float = 2e-4
     train_epochs: int = 3
     train_max_steps: int = 0  # 0: no cap, epochs decide
-    train_max_seq_len: int = 512
+    train_max_seq_len: int = 1536  # a RAG prompt with 5 sources of 240 tokens is up to ~1,300 here
     train_batch_size: int = 8
     train_micro_batch_size: int = 2  # examples per forward pass; gradient accumulation makes up train_batch_size
     train_early_stopping_patience: int = 2
