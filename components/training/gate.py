@@ -140,8 +140,10 @@ def decide(
     """The promotion rule on per-question outcomes; returns (promote, reasons, comparisons).
 
     Rejects on a significant loss (McNemar p < alpha) on any set, or on general knowledge against the base
-    model's own answers (``base_general``, when the baseline is a champion); also when the pooled domain
-    questions show no gain. Every comparison's interval goes into the reasons.
+    model's own answers (``base_general``, when the baseline is a champion); also when the candidate does
+    worse than the baseline on the pooled domain questions, significant or not (a retrain that scores lower
+    on what it was trained for is no better a champion). A tie is promoted: the newer data wins. Every
+    comparison's interval goes into the reasons.
     """
     comparisons = [
         compare(name, baseline_name, hits[name], baseline_hits[name]) for name in hits if name in baseline_hits
@@ -163,12 +165,13 @@ def decide(
     failures = [f"significant loss: {c.line()}" for c in comparisons if c.diff < 0 and c.p < alpha]
     if pooled is None:
         failures.append("no domain questions to judge the candidate on (no test split, no QA set)")
-    elif pooled.diff <= 0 and not any(c.name == pooled.name for c in comparisons if c.diff < 0 and c.p < alpha):
-        failures.append(f"no gain on the domain: {pooled.line()}")
+    elif pooled.diff < 0 and not any(c.name == pooled.name for c in comparisons if c.diff < 0 and c.p < alpha):
+        failures.append(f"worse on the domain: {pooled.line()}")
     lines = [c.line() for c in comparisons]
     if failures or pooled is None:
         return False, [*failures, *(x for x in lines if not any(x in f for f in failures))], comparisons
-    return True, [f"no significant loss (p < {alpha}) and a domain gain: {pooled.line()}", *lines], comparisons
+    gain = "a domain gain" if pooled.diff > 0 else "the domain unchanged"
+    return True, [f"no significant loss (p < {alpha}) and {gain}: {pooled.line()}", *lines], comparisons
 
 
 def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:

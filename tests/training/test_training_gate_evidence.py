@@ -55,7 +55,7 @@ def test_gate_rejects_a_real_general_knowledge_loss_and_promotes_without_one(
     general = next(c for c in gate["comparisons"] if c["name"] == "general")
     assert general["n"] == 30 and general["p"] < 0.05 and general["high"] < 0
 
-    # The same domain facts without the damaging examples: general knowledge stays, the facts are gained.
+    # The same domain facts without the damaging examples: no significant general loss, so it is promoted.
     data = _write(train_env / "benign" / "examples.jsonl", domain)
     result = pipeline.retrain(gate_env, "benign", data=data, force=True)
     gate = result["gate"]

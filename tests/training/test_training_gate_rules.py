@@ -43,12 +43,14 @@ def test_one_changed_question_is_not_a_loss() -> None:
     )
 
 
-def test_a_significant_loss_rejects_and_no_gain_rejects() -> None:
+def test_a_significant_loss_rejects_a_lower_domain_score_rejects_a_tie_passes() -> None:
     base = {"general": _hits(30, 30), "qa_rag": _hits(20, 50)}
     ok, reasons, _ = decide({"general": _hits(22, 30), "qa_rag": _hits(30, 50)}, base, 0.05)
     assert not ok and reasons[0].startswith("significant loss: general vs the base model: 0.733 vs 1.000 on 30")
-    ok, reasons, _ = decide({"general": _hits(30, 30), "qa_rag": _hits(20, 50)}, base, 0.05)
-    assert not ok and reasons[0].startswith("no gain on the domain: qa_rag vs the base model")
+    ok, reasons, _ = decide({"general": _hits(30, 30), "qa_rag": _hits(19, 50)}, base, 0.05)
+    assert not ok and reasons[0].startswith("worse on the domain: qa_rag vs the base model: 0.380 vs 0.400")
+    ok, reasons, _ = decide({"general": _hits(29, 30), "qa_rag": _hits(20, 50)}, base, 0.05)
+    assert ok and reasons[0].startswith("no significant loss (p < 0.05) and the domain unchanged: qa_rag")
     ok, reasons, _ = decide({"general": _hits(30, 30)}, {"general": _hits(30, 30)}, 0.05)
     assert not ok and reasons[0].startswith("no domain questions")
 
