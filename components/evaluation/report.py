@@ -97,7 +97,8 @@ def markdown_report(report: EvalReport, chart_name: str | None = "chart.png") ->
         f"- QA set: `{report.qa_path}` ({report.questions} questions, fingerprint {report.qa_fingerprint})",
         f"- base model `{report.served_model}`, adapter `{report.alias}` {version}, through {report.gateway_url}",
         f"- index: {_index_line(report)}",
-        f"- temperature 0, max_tokens {report.max_tokens}, top_k {report.top_k}, concurrency {report.concurrency}",
+        f"- arms without retrieval: temperature 0, max_tokens {report.max_tokens}; arms with retrieval: the "
+        f"gateway's RAG decoding defaults of each arm; top_k {report.top_k}, concurrency {report.concurrency}",
         "",
         markdown_table(report),
         "",

@@ -12,8 +12,8 @@ Sets, built once so both models see the same text:
 Each set is compared question by question with the exact McNemar test and a 95 % interval of the difference
 (Agresti-Min). The candidate is rejected when its rank does not fit vLLM, on a significant loss (p < gate_alpha)
 on any set, against the champion and, for general knowledge, against the base model too (so losses cannot
-accumulate over generations), or when it gains nothing on the pooled domain questions. One question changing
-is not a significant loss.
+accumulate over generations), or when it scores lower than the baseline on the pooled domain questions (a tie
+promotes: the newer data wins). One question changing is not a significant loss.
 """
 
 from __future__ import annotations
