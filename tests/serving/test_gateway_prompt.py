@@ -57,8 +57,8 @@ def test_rendered_examples_carry_the_prompt_the_gateway_sends(gateway: Any, tmp_
             # the target cites the source that holds the answer, and only it
             target = conversation[-1]["content"]
             cited = int(target.split("[", 1)[1].split("]", 1)[0])
-            sources = conversation[0]["content"].split("\n\n[")
-            assert example.answer.split()[0].lower() in sources[cited].lower()
+            sources = conversation[0]["content"].split("\n\n[")  # sources[0] holds the instruction and [1]
+            assert example.answer.split()[0].lower() in sources[cited - 1].lower()
             assert target.count("[") == 1
 
 
