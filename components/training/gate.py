@@ -13,7 +13,8 @@ Each set is compared question by question with the exact McNemar test and a 95 %
 (Agresti-Min). The candidate is rejected when its rank does not fit vLLM, on a significant loss (p < gate_alpha)
 on any set, against the champion and, for general knowledge, against the base model too (so losses cannot
 accumulate over generations), or when it scores lower than the baseline on the pooled domain questions (a tie
-promotes: the newer data wins). One question changing is not a significant loss.
+promotes: the newer data wins). One question changing is not a significant loss; on a set too small for the test
+to reach p < gate_alpha at all (under 6 questions at 0.05), any loss rejects.
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def compare(name: str, against: str, candidate: Sequence[bool], baseline: Sequen
     )
 
 
+def testable_size(alpha: float) -> int:
+    """The fewest paired questions on which the exact McNemar test can reach p < alpha (all of them discordant
+    one way): 6 for alpha 0.05."""
+    n = 1
+    while 2 * 0.5**n >= alpha:
+        n += 1
+    return n
+
+
 def decide(
     hits: dict[str, list[bool]],
     baseline_hits: dict[str, list[bool]],
@@ -142,8 +152,8 @@ def decide(
     Rejects on a significant loss (McNemar p < alpha) on any set, or on general knowledge against the base
     model's own answers (``base_general``, when the baseline is a champion); also when the candidate does
     worse than the baseline on the pooled domain questions, significant or not (a retrain that scores lower
-    on what it was trained for is no better a champion). A tie is promoted: the newer data wins. Every
-    comparison's interval goes into the reasons.
+    on what it was trained for is no better a champion), or on any loss on a set too small for the test to ever
+    reach p < alpha. A tie is promoted: the newer data wins. Every comparison's interval goes into the reasons.
     """
     comparisons = [
         compare(name, baseline_name, hits[name], baseline_hits[name]) for name in hits if name in baseline_hits
@@ -163,6 +173,12 @@ def decide(
     elif domain:
         pooled = next(c for c in comparisons if c.name == domain[0])
     failures = [f"significant loss: {c.line()}" for c in comparisons if c.diff < 0 and c.p < alpha]
+    # On fewer than testable_size(alpha) questions no loss can reach p < alpha, so such a set may lose nothing.
+    failures += [
+        f"a loss on a set too small to test (under {testable_size(alpha)} questions): {c.line()}"
+        for c in comparisons
+        if c.diff < 0 and c.p >= alpha and c.n < testable_size(alpha) and c is not pooled
+    ]
     if pooled is None:
         failures.append("no domain questions to judge the candidate on (no test split, no QA set)")
     elif pooled.diff < 0 and not any(c.name == pooled.name for c in comparisons if c.diff < 0 and c.p < alpha):

@@ -86,3 +86,14 @@ def test_regressions_list_what_the_candidate_lost_and_nothing_else() -> None:
     assert found == {
         "general": [{"question": "What is the capital of France?", "reference": "Paris", "candidate": "The DON form."}]
     }
+
+
+def test_a_set_too_small_to_test_may_lose_nothing() -> None:
+    from components.training.gate import testable_size
+
+    assert testable_size(0.05) == 6  # 2 * 0.5**5 = 0.0625, 2 * 0.5**6 = 0.03125
+    base = {"general": _hits(3, 3), "qa": _hits(1, 3)}
+    ok, reasons, _ = decide({"general": _hits(0, 3), "qa": _hits(1, 3)}, base, 0.05)
+    assert not ok and reasons[0].startswith("a loss on a set too small to test (under 6 questions): general")
+    ok, _, _ = decide({"general": _hits(3, 3), "qa": _hits(1, 3)}, base, 0.05)
+    assert ok
