@@ -172,16 +172,18 @@ def decide(
         comparisons.append(pooled)
     elif domain:
         pooled = next(c for c in comparisons if c.name == domain[0])
-    failures = [f"significant loss: {c.line()}" for c in comparisons if c.diff < 0 and c.p < alpha]
-    # On fewer than testable_size(alpha) questions no loss can reach p < alpha, so such a set may lose nothing.
+    significant = [c for c in comparisons if c.diff < 0 and c.p < alpha]
+    failures = [f"significant loss: {c.line()}" for c in significant]
+    # On fewer than `smallest` questions no loss can reach p < alpha, so such a set may lose nothing.
+    smallest = testable_size(alpha)
     failures += [
-        f"a loss on a set too small to test (under {testable_size(alpha)} questions): {c.line()}"
+        f"a loss on a set too small to test (under {smallest} questions): {c.line()}"
         for c in comparisons
-        if c.diff < 0 and c.p >= alpha and c.n < testable_size(alpha) and c is not pooled
+        if c.diff < 0 and c.p >= alpha and c.n < smallest and c is not pooled
     ]
     if pooled is None:
         failures.append("no domain questions to judge the candidate on (no test split, no QA set)")
-    elif pooled.diff < 0 and not any(c.name == pooled.name for c in comparisons if c.diff < 0 and c.p < alpha):
+    elif pooled.diff < 0 and not any(c is pooled for c in significant):
         failures.append(f"worse on the domain: {pooled.line()}")
     lines = [c.line() for c in comparisons]
     if failures or pooled is None:
