@@ -27,6 +27,11 @@ _settings = get_settings()
     params={
         "source": Param(_settings.docs_source, type="string", description="folder or fsspec URL to sync"),
         "force": Param(False, type="boolean", description="re-chunk and re-embed every document"),
+        "allow_mass_delete": Param(
+            False,
+            type="boolean",
+            description="let this run delete all, or more than TANDEM_INGEST_MAX_DELETE_SHARE, of the source",
+        ),
     },
     tags=["tandem", "retrieval"],
     doc_md=__doc__,
@@ -34,14 +39,21 @@ _settings = get_settings()
 def ingest_documents() -> None:
     @task(outlets=[DOCUMENT_INDEX])
     def sync(params: dict[str, Any] | None = None, outlet_events: Any = None) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from components.db import migrate
+        from components.errors import ConfigError
         from components.ingest import sync_documents
 
         params = params or {}
         migrate()
-        report = sync_documents(
-            str(params.get("source") or get_settings().docs_source), force=bool(params.get("force"))
-        )
+        try:
+            report = sync_documents(
+                str(params.get("source") or get_settings().docs_source), force=bool(params.get("force")),
+                allow_mass_delete=bool(params.get("allow_mass_delete")),
+            )  # fmt: skip
+        except ConfigError as exc:  # a refused source or mass deletion: retrying cannot help
+            raise AirflowFailException(str(exc)) from exc
         data = report.to_dict()
         outlet_events[DOCUMENT_INDEX].extra = {k: v for k, v in data.items() if k != "failures"} | {
             "failures": data["failures"][:50]

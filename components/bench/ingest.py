@@ -122,7 +122,8 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     shutil.copytree(v1, live)
 
     url = _fresh_database("tandem_bench_ingest")
-    settings = base.model_copy(update={"database_url": url})
+    # the bench's generated corpus lies under the state dir, outside the default allowed roots
+    settings = base.model_copy(update={"database_url": url, "ingest_allowed_roots": [str(work)]})
     migrate(settings)
     model_path = embedding_model_path(settings)
     embedder = Embedder(model_path)

@@ -14,6 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ingest", help="sync a folder or fsspec URL of documents into the index")
     p.add_argument("source", nargs="?", help="folder or URL (s3://..., gs://...); default TANDEM_DOCS_SOURCE")
     p.add_argument("--force", action="store_true", help="re-chunk and re-embed every document")
+    p.add_argument(
+        "--allow-mass-delete", action="store_true",
+        help="let this run delete all, or more than TANDEM_INGEST_MAX_DELETE_SHARE, of the source's documents",
+    )  # fmt: skip
     add_json_flag(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -48,7 +52,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             bar.refresh()
 
     try:
-        report = sync_documents(args.source or settings.docs_source, force=args.force, progress=progress)
+        report = sync_documents(
+            args.source or settings.docs_source, force=args.force, progress=progress,
+            allow_mass_delete=args.allow_mass_delete,
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

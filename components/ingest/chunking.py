@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t#]*$")
+_HEADING_START = re.compile(r"(#{1,6})[ \t]+")  # the title is cut with rstrip: see _heading
 _FENCE = re.compile(r"^(```|~~~)")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=\S)")
 CHUNKER_VERSION = "1"
@@ -82,6 +82,18 @@ class _Tokens:
         return spans
 
 
+def _heading(line: str) -> tuple[int, str] | None:
+    """(level, title) of a stripped Markdown heading line, else None.
+
+    Reads the line as ``^(#{1,6})[ \\t]+(.*?)[ \\t#]*$`` would, in linear time: that pattern backtracks
+    quadratically on a long run of spaces (a 100 KB line took minutes), so the trailing part is cut with rstrip.
+    """
+    match = _HEADING_START.match(line)
+    if match is None:
+        return None
+    return len(match.group(1)), line[match.end() :].rstrip(" \t#")
+
+
 def _blocks(text: str, start: int) -> list[tuple[str, int, int, int]]:
     """(kind, start, end, level) for headings ('h') and paragraphs ('p') of text[start:]."""
     blocks: list[tuple[str, int, int, int]] = []
@@ -95,13 +107,13 @@ def _blocks(text: str, start: int) -> list[tuple[str, int, int, int]]:
         content_end = line_start + len(line.rstrip("\r\n"))
         if _FENCE.match(stripped):
             in_fence = not in_fence
-        heading = None if in_fence else _HEADING.match(stripped)
+        heading = None if in_fence else _heading(stripped)
         if heading or (not stripped and not in_fence):
             if para_start is not None:
                 blocks.append(("p", para_start, para_end, 0))
                 para_start = None
             if heading:
-                blocks.append(("h", line_start, content_end, len(heading.group(1))))
+                blocks.append(("h", line_start, content_end, heading[0]))
             continue
         if para_start is None:
             para_start = line_start + (len(line) - len(line.lstrip()))
@@ -155,7 +167,7 @@ def chunk_text(
         if kind == "h":
             while path and path[-1][0] >= level:
                 path.pop()
-            path.append((level, _HEADING.match(text[start:end].strip()).group(2).strip()))  # type: ignore[union-attr]
+            path.append((level, _heading(text[start:end].strip())[1].strip()))  # type: ignore[index]
             sections.append((tuple(h for _, h in path), []))
         else:
             sections[-1][1].append((start, end))

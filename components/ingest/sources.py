@@ -1,10 +1,13 @@
 """Where documents come from: a local folder (recursive) or any fsspec URL (s3://, gs://, ... once installed).
 
-A document's key is its path relative to the source root, with forward slashes.
+A document's key is its path relative to the source root, with forward slashes. Only locations under the
+allowed roots (TANDEM_INGEST_ALLOWED_ROOTS) are opened: :func:`check_allowed` runs before anything is listed.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ class SourceFile:
     path: str
     size: int
     modified_at: datetime | None
+    problem: str = ""  # set when the listing alone shows the file cannot be indexed (quarantined unread)
 
 
 class Source:
@@ -66,7 +70,13 @@ class Source:
                 continue
             if not key.lower().endswith(SUPPORTED_SUFFIXES):
                 continue
-            files.append(SourceFile(key, int(info.get("size") or 0), _mtime(info)))
+            problem = ""
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:  # a local name in another encoding: Postgres cannot store it as text
+                key = os.fsencode(key).decode("utf-8", "backslashreplace")
+                problem = "file name is not valid UTF-8: rename the file"
+            files.append(SourceFile(key, int(info.get("size") or 0), _mtime(info), problem))
         return sorted(files, key=lambda f: f.path)
 
     def read_bytes(self, key: str) -> bytes:
@@ -77,6 +87,49 @@ class Source:
         root = self.fs._strip_protocol(self.root).rstrip("/")
         full = self.fs._strip_protocol(full)
         return full[len(root) :].lstrip("/") if full.startswith(root) else full
+
+
+def check_allowed(location: str, roots: Iterable[str]) -> None:
+    """Refuse a source that is not under one of `roots` (local folders, or URL prefixes such as s3://bucket/docs).
+
+    Local paths and file:// URLs are compared after resolving symlinks; any other URL must start with an
+    allowed prefix at a "/" boundary, without "." or ".." segments or fsspec "::" chaining the prefix lacks.
+    Nothing is opened: an internal http:// address is refused before any request is made.
+    """
+    location = location.strip()
+    local_roots: list[Path] = []
+    url_roots: list[str] = []
+    for root in roots:
+        root = root.strip()
+        if not root:
+            continue
+        if "://" in root and not root.lower().startswith("file://"):
+            url_roots.append(root.rstrip("/"))
+        else:
+            local_roots.append(_resolve_local(root))
+    hint = "add its folder or URL prefix to TANDEM_INGEST_ALLOWED_ROOTS (comma-separated)"
+    is_url = "://" in location and not location.lower().startswith("file://")
+    if is_url:
+        rest = location.split("://", 1)[1]
+        if any(segment in (".", "..") for segment in rest.split("/")):
+            raise ConfigError(f"ingest source {location!r} has '.' or '..' segments: give the plain URL")
+        for prefix in url_roots:
+            if (location == prefix or location.startswith(prefix + "/")) and ("::" not in location or "::" in prefix):
+                return
+        raise ConfigError(f"ingest source {location!r} is not under an allowed URL prefix: {hint}")
+    if "::" in location:
+        raise ConfigError(f"ingest source {location!r} chains filesystems ('::'): give a folder or a plain URL")
+    path = _resolve_local(location)
+    if any(path == root or path.is_relative_to(root) for root in local_roots):
+        return
+    raise ConfigError(f"ingest source {location!r} (resolved to {str(path)!r}) is not under an allowed root: {hint}")
+
+
+def _resolve_local(location: str) -> Path:
+    """A plain path or file:// URL as the absolute path it names, every symlink resolved."""
+    if location.lower().startswith("file://"):
+        location = location[len("file://") :]
+    return Path(os.path.expanduser(location)).resolve()
 
 
 def _mtime(info: dict[str, Any]) -> datetime | None:

@@ -175,6 +175,13 @@ def indexed_state(conn: psycopg.Connection, source: str, generation_id: int) -> 
     return {path: IndexedState(doc_id, content_hash, chunking) for path, doc_id, content_hash, chunking in rows}
 
 
+def document_paths(conn: psycopg.Connection, source: str) -> set[str]:
+    """The paths the index holds for a source (what a run would delete is those its listing lacks)."""
+    rows = conn.execute("SELECT path FROM documents WHERE source = %s", (source,)).fetchall()
+    conn.commit()
+    return {path for (path,) in rows}
+
+
 def generation_has_chunks(conn: psycopg.Connection, generation_id: int) -> bool:
     row = conn.execute("SELECT EXISTS (SELECT 1 FROM chunks WHERE generation_id = %s)", (generation_id,)).fetchone()
     conn.commit()

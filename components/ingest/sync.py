@@ -1,10 +1,14 @@
 """One sync run of a source into the index: the function the CLI, the DAG and the benchmark all call.
 
 Three stages overlap so the embedding model, the ceiling on a CPU, never waits: a reader hashes, parses
-and chunks documents (``reader.py``: in a thread, or in a child process when there are many to read); the
+and chunks documents (``reader.py``: parsing in a child process under per-document limits); the
 calling thread embeds only the chunk texts not already embedded; a writer thread stores each window of
 documents in one transaction. Unchanged documents (same content hash, same chunking, same embedding model)
 are skipped before the model is even loaded.
+
+Before anything is listed, the location must be under the allowed roots; before anything is written, a run
+that would delete more than TANDEM_INGEST_MAX_DELETE_SHARE of the source's documents (or all of them) is
+refused unless allow_mass_delete: an unmounted volume or a truncated listing must not empty the index.
 
 The model pads every batch to its longest text, so it is fed windows of several hundred chunks, which it
 sorts by length before batching: its padding then costs under 1 % instead of about 5 % with the small
@@ -27,20 +31,11 @@ import numpy as np
 import psycopg
 
 from components.embedding import Embedder, configured_model_id, get_embedder, model_dim
-from components.errors import ServiceError
+from components.errors import ConfigError, ServiceError
 from components.ingest import store
 from components.ingest.chunking import chunking_signature
-from components.ingest.reader import (
-    UNKNOWN,
-    Failed,
-    Known,
-    Prepared,
-    ReadSpec,
-    Unchanged,
-    read_documents,
-    read_in_child,
-)
-from components.ingest.sources import Source, SourceFile
+from components.ingest.reader import UNKNOWN, Failed, Known, ParseWorker, Prepared, ReadSpec, Unchanged, read_documents
+from components.ingest.sources import Source, SourceFile, check_allowed
 from components.models import embedding_model_path
 from components.settings import Settings, get_settings
 
@@ -73,7 +68,9 @@ class SyncReport:
     model_seconds: float = 0.0
     activated: bool = False
     index_build_seconds: float = 0.0  # a first fill writes without the HNSW index and builds it once near the end
-    reader: str = "thread"  # where documents were parsed: "thread", or "process" for a large run
+    reader: str = "thread"  # where documents were parsed: "process" (with limits, or a large run) or "thread"
+    reader_peak_mb: float = 0.0  # the largest resident size a reader process reported (0: no process ran)
+    reader_restarts: int = 0  # reader processes replaced after a document timed out, crashed or ran out of memory
     run_id: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     deleted_paths: list[str] = field(default_factory=list)
@@ -92,16 +89,20 @@ def sync_documents(
     settings: Settings | None = None,
     embedder: Embedder | None = None,
     progress: ProgressFn | None = None,
+    allow_mass_delete: bool = False,
 ) -> SyncReport:
     """Bring the index in line with the documents under `location` (a folder or an fsspec URL).
 
-    force: re-chunk and re-embed every document, reusing nothing. Documents that fail to load are
-    recorded in ingest_failures and reported; the run goes on. Safe to interrupt at any point.
+    force: re-chunk and re-embed every document, reusing nothing. Documents that fail to load (or to parse
+    within the time and memory limits) are recorded in ingest_failures and reported; the run goes on. Safe to
+    interrupt at any point. Raises ConfigError, with nothing read or written, for a location outside
+    TANDEM_INGEST_ALLOWED_ROOTS, and for a mass deletion unless allow_mass_delete.
     """
     from components.db import connect
 
     settings = settings or get_settings()
     started = time.perf_counter()
+    check_allowed(location, [*settings.ingest_allowed_roots, settings.docs_source])
     src = Source(location)
     model_path = embedding_model_path(settings)
     model_id = embedder.model_id if embedder else configured_model_id(settings)
@@ -113,10 +114,11 @@ def sync_documents(
         conn.close()
         raise ServiceError(f"another ingest of {src.name!r} is running; wait for it to finish")
     try:
+        files = src.list_files()
+        _check_deletions(conn, src.name, files, settings.ingest_max_delete_share, allow_mass_delete)
         generation = store.ensure_generation(conn, model_id, dim)
         report = SyncReport(src.name, model_id, generation.id)
         report.run_id = store.start_run(conn, src.name, model_id)
-        files = src.list_files()
         state = store.indexed_state(conn, src.name, generation.id)
         reuse = not force and store.generation_has_chunks(conn, generation.id)
         model_before = embedder.model_seconds if embedder else 0.0
@@ -138,6 +140,22 @@ def sync_documents(
         with contextlib.suppress(psycopg.Error):
             store.unlock_source(conn, src.name)
         conn.close()
+
+
+def _check_deletions(
+    conn: psycopg.Connection, source: str, files: list[SourceFile], max_share: float, allowed: bool
+) -> None:
+    """Refuse (ConfigError) a listing that would delete all, or more than max_share, of the source's documents."""
+    indexed = store.document_paths(conn, source)
+    gone = len(indexed - {f.path for f in files})
+    if allowed or not gone or (gone < len(indexed) and gone <= max_share * len(indexed)):
+        return
+    what = f"all {len(indexed)}" if gone == len(indexed) else f"{gone} of the {len(indexed)}"
+    raise ConfigError(
+        f"refusing to delete {what} documents of {source!r} (the source lists {len(files)} files; the limit is "
+        f"{max_share:.0%}, TANDEM_INGEST_MAX_DELETE_SHARE): check that it is mounted and complete, or pass "
+        "--allow-mass-delete (DAG Param allow_mass_delete) if they really are gone"
+    )
 
 
 class _Run:
@@ -241,18 +259,22 @@ class _Run:
             overlap=self.settings.ingest_chunk_overlap,
             chunking=self.chunking,
             force=force,
+            timeout_s=self.settings.ingest_document_timeout_s,
+            memory_mb=self.settings.ingest_document_memory_mb,
         )
         to_read = sum(1 for f in files if force or known.get(f.path, UNKNOWN)[1] != self.chunking)
-        # Below the setting the child's start-up (about half a second) is not worth it.
-        in_child = to_read >= self.settings.ingest_reader_process_docs
+        # Limits need a process (a thread can be neither stopped nor capped). Without them, below the setting
+        # the child's start-up (about half a second) is not worth it.
+        in_child = spec.limited or to_read >= self.settings.ingest_reader_process_docs
         self.report.reader = "process" if in_child else "thread"
-        items = (
-            read_in_child(spec, files, known, stop.is_set, src=self.src)
-            if in_child
-            else read_documents(spec, files, known, src=self.src)
-        )
+        worker = ParseWorker(spec, stop.is_set) if in_child else None
+        if worker is not None and to_read:
+            worker.start()  # it loads the tokenizer while the first files are read and hashed
+        items = read_documents(spec, files, known, src=self.src, worker=worker)
         unchanged_failures: list[str] = []
-        with contextlib.closing(items):
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self._close_worker, worker)
+            cleanup.enter_context(contextlib.closing(items))
             for item in items:
                 if stop.is_set():
                     return
@@ -267,6 +289,12 @@ class _Run:
         # An unchanged document that was once recorded as failed has loaded since: forget the failure.
         _put(out, ("clear", unchanged_failures), stop)
         _put(out, _DONE, stop)
+
+    def _close_worker(self, worker: ParseWorker | None) -> None:
+        if worker is not None:
+            worker.close()
+            self.report.reader_peak_mb = worker.peak_mb
+            self.report.reader_restarts = worker.restarts
 
     def _groups(self, prepared: queue.Queue[Any], stop: threading.Event) -> Iterator[list[Any]]:
         """Documents gathered into windows of about _WINDOW chunks for the model (see the module's doc)."""

@@ -38,14 +38,19 @@ ENV = {
 
 
 # --- Step bodies. KFP ships each function's source to the container, so every import is inside it. --------------
-def sync_documents_step(source: str, force: bool) -> dict:  # type: ignore[type-arg]
+def sync_documents_step(source: str, force: bool, allow_mass_delete: bool) -> dict:  # type: ignore[type-arg]
     """components.ingest.sync_documents: the DAG ingest_documents's task."""
     from dataclasses import asdict
 
     from components.ingest import sync_documents
     from components.settings import get_settings
 
-    report = sync_documents(source or get_settings().docs_source, force=force, settings=get_settings())
+    report = sync_documents(
+        source or get_settings().docs_source,
+        force=force,
+        settings=get_settings(),
+        allow_mass_delete=allow_mass_delete,
+    )
     return asdict(report)
 
 
@@ -125,8 +130,11 @@ def build(image: str) -> tuple[Any, Any]:
     promote_or_reject = component(promote_or_reject_step)
 
     @dsl.pipeline(name="ingest-documents", description="Sync a document source into the pgvector index.")
-    def ingest_documents(source: str = "", force: bool = False) -> dict:  # type: ignore[type-arg]
-        step = _wire(sync_documents(source=source, force=force)).set_display_name("sync documents")
+    def ingest_documents(  # type: ignore[type-arg]
+        source: str = "", force: bool = False, allow_mass_delete: bool = False
+    ) -> dict:
+        step = _wire(sync_documents(source=source, force=force, allow_mass_delete=allow_mass_delete))
+        step.set_display_name("sync documents")
         step.set_retry(num_retries=2, backoff_duration="60s")
         return step.output
 

@@ -1,5 +1,6 @@
 """`tandem up --only airflow`: Airflow standalone with the project's dags/, its metadata under the state dir, a
-working admin login, and both pipeline DAGs listed without import errors and with their Params."""
+working admin login, both pipeline DAGs listed without import errors and with their Params, and a DAG run through
+the scheduler seen by Prometheus with its dag_id (the airflow-exporter plugin in the API server)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,24 @@ import pytest
 pytestmark = pytest.mark.slow
 
 EXPECTED_PARAMS = {
-    "ingest_documents": {"source", "force"},
+    "ingest_documents": {"source", "force", "allow_mass_delete"},
     "retrain_adapter": {"alias", "data", "force"},
 }
 
 
 @pytest.fixture(scope="module")
-def airflow() -> Iterator[tuple[Any, httpx.Client]]:
+def airflow(pg_url: str) -> Iterator[tuple[Any, httpx.Client]]:
+    """Airflow standalone beside the session's Postgres (its tasks write the index there)."""
     from components.settings import get_settings
     from components.stack import manager
 
     get_settings.cache_clear()
     settings = get_settings()
     started = [s.name for s in manager.status(settings, ["airflow"]) if s.state == "down"]
-    manager.up(settings, only=["airflow"])
+    # Only the run a test triggers: unpausing a DAG must not also start its scheduled run (as in test_browser).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
+        manager.up(settings, only=["airflow"])
     try:
         base = f"http://{settings.host}:{settings.airflow_port}"
         passwords = settings.airflow_home / "simple_auth_manager_passwords.json.generated"
@@ -73,3 +78,52 @@ def test_both_dags_are_listed_with_their_params(airflow: tuple[Any, httpx.Client
         assert str(dags[dag_id]["fileloc"]).endswith(f"dags/{dag_id}.py")
         details = client.get(f"/api/v2/dags/{dag_id}/details").json()
         assert params <= set(details["params"]), f"{dag_id} params: {sorted(details['params'])}"
+
+
+def _prometheus_value(url: str, query: str) -> float | None:
+    result = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+    return max(float(r["value"][1]) for r in result) if result else None
+
+
+def test_a_dag_run_through_the_scheduler_reaches_prometheus_with_its_dag_id(
+    airflow: tuple[Any, httpx.Client],
+) -> None:
+    import time
+
+    from components.stack import manager
+    from tests.infra.test_dashboards import airflow_panel_queries
+
+    settings, client = airflow
+    dag_id = "ingest_documents"
+    _wait_for_dags(client, {dag_id})
+    client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+    run = client.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None})
+    run.raise_for_status()
+    run_id = run.json()["dag_run_id"]
+    deadline = time.monotonic() + 300
+    state = "queued"
+    while state not in ("success", "failed") and time.monotonic() < deadline:
+        time.sleep(3)
+        state = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"]
+    assert state == "success", f"run {run_id} ended {state}"
+
+    started = [s.name for s in manager.status(settings, ["prometheus"]) if s.state == "down"]
+    manager.up(settings, only=["prometheus"])
+    try:
+        url = f"http://{settings.host}:{settings.prometheus_port}"
+        runs = f'airflow_dag_status{{job="airflow", dag_id="{dag_id}", status="success"}}'
+        tasks = f'airflow_task_status{{job="airflow", dag_id="{dag_id}", task_id="sync", status="success"}}'
+        deadline = time.monotonic() + 60
+        while _prometheus_value(url, runs) is None and time.monotonic() < deadline:
+            time.sleep(2)
+        assert (_prometheus_value(url, runs) or 0) >= 1, f"Prometheus has no {runs}"
+        assert (_prometheus_value(url, tasks) or 0) >= 1, f"Prometheus has no {tasks}"
+        # The pipelines dashboard's Airflow panels draw this run (the running-duration panel is empty between runs).
+        empty = [
+            f"{title}: {expr}"
+            for title, expr in airflow_panel_queries()
+            if title != "Running DAG runs: seconds since start" and _prometheus_value(url, expr) is None
+        ]
+        assert not empty, "\n".join(empty)
+    finally:
+        manager.down(settings, only=started)

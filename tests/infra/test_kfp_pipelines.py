@@ -99,13 +99,14 @@ def test_both_pipelines_compile_to_kfp_v2(compiled: dict[str, list[dict[str, Any
 
 def test_ingest_pipeline_steps_and_inputs(compiled: dict[str, list[dict[str, Any]]]) -> None:
     spec = compiled["ingest_documents"][0]
-    assert _inputs(spec) == {"source": "STRING", "force": "BOOLEAN"}
+    assert _inputs(spec) == {"source": "STRING", "force": "BOOLEAN", "allow_mass_delete": "BOOLEAN"}
     tasks = _tasks(spec["root"])
     assert list(tasks) == ["sync-documents-step"]
     step = tasks["sync-documents-step"]
     params = step["inputs"]["parameters"]
     assert params["source"]["componentInputParameter"] == "source"
     assert params["force"]["componentInputParameter"] == "force"
+    assert params["allow_mass_delete"]["componentInputParameter"] == "allow_mass_delete"
     assert step["retryPolicy"]["maxRetryCount"] == 2
 
 

@@ -70,8 +70,9 @@ def corpus(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ingest_db(pg_url: str) -> Iterator[Settings]:
-    """Settings pointing at a fresh, migrated database on the session's Postgres server."""
+def ingest_db(pg_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings pointing at a fresh, migrated database on the session's Postgres server; the test's tmp_path
+    is the one allowed ingest root."""
     from components.db import migrate
     from components.embedding import get_embedder
 
@@ -79,7 +80,7 @@ def ingest_db(pg_url: str) -> Iterator[Settings]:
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     url = psycopg.conninfo.make_conninfo(pg_url, dbname=name)
-    settings = Settings(database_url=url)
+    settings = Settings(database_url=url, ingest_allowed_roots=[str(tmp_path)])
     migrate(settings)
     get_embedder(settings)  # loaded once per session (cached), so tests compare runs, not model loads
     yield settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ from tests.conftest import REPO_ROOT
 @pytest.mark.slow
 def test_bench_ingest_small_run_reports_consistent_figures(pg_url: str, tmp_path: Path) -> None:
     out = tmp_path / "ingest.json"
+    # The benchmark's generated corpus lies in the state dir, outside the default allowed roots.
+    env = {**os.environ, "TANDEM_INGEST_ALLOWED_ROOTS": str(Path(os.environ["TANDEM_STATE_DIR"]) / "bench")}
     done = subprocess.run(
         [sys.executable, "-m", "components.cli", "bench", "ingest", "--docs", "100", "--skip-peer", "--raw-sample",
          "16", "--out", str(out), "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())

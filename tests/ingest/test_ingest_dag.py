@@ -31,7 +31,7 @@ def test_dagbag_has_no_errors_and_wires_schedule_params_retries() -> None:
     assert bag.import_errors == {}
     dag = bag.dags["ingest_documents"]
     assert "0 * * * *" in repr(dag.timetable)  # settings.ingest_schedule, default @hourly
-    assert set(dag.params) == {"source", "force"}
+    assert set(dag.params) == {"source", "force", "allow_mass_delete"}
     task = dag.get_task("sync")
     assert task.retries == 2
     assert [o.uri for o in task.outlets] == ["tandem://index/documents"]
@@ -49,6 +49,7 @@ def test_dag_runs_end_to_end_and_updates_the_asset(
     from components.settings import get_settings
 
     monkeypatch.setenv("TANDEM_DATABASE_URL", ingest_db.database_url)
+    monkeypatch.setenv("TANDEM_INGEST_ALLOWED_ROOTS", str(corpus))
     get_settings.cache_clear()
     try:
         dag = DagBag(dag_folder=str(DAG_FILE)).dags["ingest_documents"]

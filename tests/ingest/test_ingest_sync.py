@@ -82,13 +82,16 @@ def _reader_children(parent: int) -> list[int]:
     return found
 
 
+NO_LIMITS = {"ingest_document_timeout_s": 0, "ingest_document_memory_mb": 0}  # what lets a thread parse
+
+
 def test_reader_process_indexes_exactly_what_the_reader_thread_does(ingest_db: Settings, corpus: Path) -> None:
     in_child = sync_documents(str(corpus), settings=ingest_db.model_copy(update={"ingest_reader_process_docs": 0}))
     assert in_child.reader == "process" and (in_child.added, in_child.failed) == (4, 0)
     by_child = _chunks_by_path(ingest_db)
     with connect(ingest_db) as conn:
         spans = conn.execute("SELECT text, char_start, char_end, heading FROM chunks ORDER BY 1, 2").fetchall()
-    again = sync_documents(str(corpus), settings=ingest_db, force=True)  # read again, in a thread this time
+    again = sync_documents(str(corpus), settings=ingest_db.model_copy(update=NO_LIMITS), force=True)  # in a thread
     assert again.reader == "thread" and again.updated == 4 and again.chunks_embedded == in_child.chunks_embedded
     assert _chunks_by_path(ingest_db) == by_child
     with connect(ingest_db) as conn:
@@ -180,7 +183,9 @@ def test_edit_delete_add_change_exactly_those(ingest_db: Settings, corpus: Path)
 def test_run_failing_midway_then_rerun_leaves_no_partial_document(
     ingest_db: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader_process_docs: int
 ) -> None:
-    ingest_db = ingest_db.model_copy(update={"ingest_reader_process_docs": reader_process_docs})
+    ingest_db = ingest_db.model_copy(
+        update={"ingest_reader_process_docs": reader_process_docs} | (NO_LIMITS if reader_process_docs > 1 else {})
+    )
     docs = {f"doc-{i:02d}.md": f"# Doc {i}\n\n## A\n\nAlpha text {i}.\n\n## B\n\nBeta text {i}.\n" for i in range(12)}
     root = write_corpus(tmp_path / "many", docs)
     real_write = store.write_documents
@@ -219,7 +224,8 @@ def test_killed_process_then_rerun_completes(ingest_db: Settings, tmp_path: Path
     docs = {f"d{i:03d}.md": f"# Doc {i}\n\n" + f"Paragraph {i} about berths and tides. " * 40 for i in range(60)}
     root = write_corpus(tmp_path / "killed", docs)
     # The reader runs in its own process here: it must not outlive the killed run.
-    env = {**os.environ, "TANDEM_DATABASE_URL": ingest_db.database_url, "TANDEM_INGEST_READER_PROCESS_DOCS": "1"}
+    env = {**os.environ, "TANDEM_DATABASE_URL": ingest_db.database_url, "TANDEM_INGEST_READER_PROCESS_DOCS": "1",
+           "TANDEM_INGEST_ALLOWED_ROOTS": str(tmp_path)}  # fmt: skip
     cmd = [sys.executable, "-m", "components.cli", "ingest", str(root), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     readers: list[int] = []
@@ -260,6 +266,7 @@ def test_bad_files_are_quarantined_with_reason_and_retried(
     (corpus / "huge.txt").write_text("word " * 5000)
     settings = ingest_db.model_copy(
         update={"ingest_max_document_bytes": 20_000, "ingest_reader_process_docs": reader_process_docs}
+        | (NO_LIMITS if reader_process_docs else {})
     )
 
     report = sync_documents(str(corpus), settings=settings)
