@@ -150,6 +150,24 @@ def _export(embedder: Embedder, cache_dir: Path) -> Path:
     return target
 
 
+class EncoderMismatchError(Exception):
+    """The query encoder is not the model the active embedding generation's vectors were made with."""
+
+
+def check_generation(conn: Any, model_id: str, dim: int) -> None:
+    """Raise EncoderMismatchError (one line) unless the active embedding generation was embedded with
+    ``model_id`` at ``dim``; no active generation (nothing indexed yet) passes. A mismatched query vector would
+    find nothing (another dimension) or the wrong chunks (same dimension), and retrieval would quietly become
+    full-text only."""
+    row = conn.execute("SELECT id, model_id, dim FROM embedding_generations WHERE status = 'active'").fetchone()
+    if row is not None and (row[1] != model_id or int(row[2]) != dim):
+        raise EncoderMismatchError(
+            f"the query encoder is {model_id} ({dim} dims) but the active embedding generation {row[0]} is "
+            f"{row[1]} ({row[2]} dims); set TANDEM_EMBEDDING_MODEL to the index's model and restart the gateway, "
+            "or re-ingest with the new model"
+        )
+
+
 def load_query_encoder(settings: Settings) -> QueryEncoder:
     """The fastest encoder whose vectors match the document vectors: ONNX if it checks out, else torch."""
     limit_query_threads(settings)

@@ -2,6 +2,8 @@
 
 Runs on settings.retrain_schedule and whenever the domain data's asset is updated. Each task calls one
 function of components.training.pipeline (the same code `tandem train` runs); nothing heavy is imported here.
+The `data` Param only supplies training examples: the gate asks the alias's held-out set, fixed at its first
+training (a new version only through `tandem train --new-heldout`, an admin action, never from this DAG).
 """
 
 from __future__ import annotations
@@ -98,7 +100,12 @@ def announce_promotion(outcome: dict[str, Any], **context: Any) -> None:
     default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
     params={
         "alias": Param(ALIAS, type="string", pattern="^[a-z0-9][a-z0-9_-]{0,62}$"),
-        "data": Param("", type="string", description="JSONL file, folder or fsspec URL; empty: the alias's data"),
+        "data": Param(
+            "",
+            type="string",
+            description="training examples: JSONL file, folder or fsspec URL; empty: the alias's data. "
+            "The gate's questions are the alias's fixed held-out set, never these",
+        ),
         "force": Param(False, type="boolean", description="train even without enough new examples"),
         "sweep_learning_rates": Param([], type="array", description="e.g. [0.0001, 0.0002]: one run each"),
         "sweep_ranks": Param([], type="array", description="e.g. [8, 16]: one run each"),

@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's shutdown
+    except BrokenPipeError:
+        from components.cli._output import stdout_closed
+
+        return stdout_closed()
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

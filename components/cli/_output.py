@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,3 +29,15 @@ def table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
 def show_progress(json_mode: bool) -> bool:
     """Progress bars go to stderr, and only when a person is watching."""
     return not json_mode and sys.stderr.isatty()
+
+
+# The exit status of a process ended by SIGPIPE in a shell (128 + 13), as `yes | head` reports.
+BROKEN_PIPE_EXIT = 141
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (`tandem adapters --json | head`): end quietly, as Python's documentation
+    on SIGPIPE recommends, by pointing stdout at devnull so the interpreter's last flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return BROKEN_PIPE_EXIT

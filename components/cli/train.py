@@ -18,6 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="cap the optimizer steps (default: settings.train_max_steps)")
     p.add_argument("--sweep-lr", type=float, nargs="+", metavar="LR", help="train once per learning rate")
     p.add_argument("--sweep-rank", type=int, nargs="+", metavar="R", help="train once per LoRA rank")
+    p.add_argument(
+        "--new-heldout",
+        action="store_true",
+        help="admin: replace the gate's held-out set with a new version drawn from the test split of --data "
+        "(recorded with your user name; otherwise the set fixed at the alias's first training is asked)",
+    )
     add_json_flag(p)
     p.set_defaults(func=cmd_train)
 
@@ -56,6 +62,8 @@ def _progress_printer() -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import getpass
+
     from components.training.pipeline import retrain, sweep_points
 
     settings = get_settings()
@@ -67,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = None if args.json else _progress_printer()
     if not args.json:
         print(f"checking new data for {alias}...", file=sys.stderr, flush=True)
-    result = retrain(settings, alias, args.data, args.force, sweep, progress)
+    new_heldout_by = getpass.getuser() if args.new_heldout else None
+    result = retrain(settings, alias, args.data, args.force, sweep, progress, new_heldout_by)
     if args.json:
         print_json(result)
         return 0
@@ -95,8 +104,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         for problem in rendering.get("left_out", [])[:5]:
             print(f"  left out {problem}")
+    contaminated = t.get("contaminated") or []
+    if contaminated:
+        print(f"dropped {len(contaminated)} training examples the gate asks:")
+        for problem in contaminated[:5]:
+            print(f"  {problem}")
     gate = result["gate"]
-    print(f"gate vs {gate['baseline_model']} ({gate.get('seconds', 0):.0f} s):")
+    held = gate.get("heldout") or {}
+    print(
+        f"gate vs {gate['baseline_model']} ({gate.get('seconds', 0):.0f} s), held-out set v{held.get('version')} "
+        f"({held.get('size')} questions):"
+    )
     for c in gate.get("comparisons", []):
         print(
             f"  {c['name']:<16} {c['candidate']:.3f} vs {c['baseline']:.3f} on {c['n']:>3}  "
@@ -138,10 +156,12 @@ def cmd_adapters(args: argparse.Namespace) -> int:
                 f"{val:.3f}" if isinstance(val, int | float) else "",
                 gate.get("main", ""),
                 v.created_at.strftime("%Y-%m-%d %H:%M"),
+                v.promoted_by or "",
                 (v.reason or "")[:60],
             ]
         )
-    header = ["alias", "version", "status", "rank", "dataset", "size", "val_loss", "main", "created", "reason"]
+    header = ["alias", "version", "status", "rank", "dataset", "size", "val_loss", "main", "created"]
+    header += ["promoted_by", "reason"]
     print(table(rows, header) if rows else "no adapters yet: run `tandem train`")
     return 0
 

@@ -3,11 +3,16 @@ folder per trained adapter, ``<store>/<alias>/<run_id>/``, so several vLLM repli
 
 Each folder holds what ``save_pretrained`` wrote plus ``tandem-dataset.json``: the dataset version and the
 hashes of the examples it was trained on, which is how "new examples beyond the champion's" is counted.
+
+Weights must be safetensors: ``weights_problem`` is the one rule, called when an adapter is published, loaded
+for the gate, promoted or rolled back to, and by the gateway before it asks vLLM to load one. A pickle
+(``adapter_model.bin``) can run code when it is loaded, so an adapter that has only that is refused.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,35 @@ from components.errors import ConfigError
 from components.settings import Settings
 
 MANIFEST = "tandem-dataset.json"
+WEIGHTS = "adapter_model.safetensors"
+_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def weights_problem(names: Iterable[str], where: str) -> str | None:
+    """Why the files ``names`` of the adapter at ``where`` may not be loaded (None when they may): the weights
+    must be in adapter_model.safetensors; pickled weights alone are refused."""
+    names = {Path(n).name for n in names}
+    if WEIGHTS in names:
+        return None
+    pickles = sorted(n for n in names if n.endswith(_PICKLES))
+    if pickles:
+        return (
+            f"adapter at {where} has pickled weights ({', '.join(pickles)}) and no {WEIGHTS}: refused, a pickle can "
+            "run code when loaded; save it with safetensors (save_pretrained(safe_serialization=True))"
+        )
+    return f"adapter at {where} has no {WEIGHTS}"
+
+
+def check_weights(uri: str) -> None:
+    """Raise ConfigError (one line) unless the adapter at ``uri`` has safetensors weights."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"adapter files missing at {uri}") from exc
+    problem = weights_problem(names, uri)
+    if problem:
+        raise ConfigError(problem)
 
 
 def artifact_uri(settings: Settings, alias: str, run_id: str) -> str:
@@ -24,7 +58,11 @@ def artifact_uri(settings: Settings, alias: str, run_id: str) -> str:
 
 
 def publish(local_dir: Path, uri: str) -> None:
-    """Copy a finished adapter folder to the store (written to a temporary name first, then renamed on local disk)."""
+    """Copy a finished adapter folder to the store (written to a temporary name first, then renamed on local disk).
+    An adapter without safetensors weights is refused before anything is written."""
+    problem = weights_problem((f.name for f in local_dir.iterdir()), str(local_dir))
+    if problem:
+        raise ConfigError(problem)
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
@@ -53,11 +91,16 @@ def local_path(settings: Settings, uri: str) -> str:
     if _is_local(fs):
         if not fs.exists(f"{path}/adapter_config.json"):
             raise ConfigError(f"adapter files missing at {uri} (no adapter_config.json)")
+        check_weights(uri)
         return str(path)
     cache = settings.state_dir / "adapter-cache" / path.strip("/").replace("/", "_")
     if not (cache / "adapter_config.json").exists():
+        check_weights(uri)  # before anything is fetched
         cache.mkdir(parents=True, exist_ok=True)
         fs.get(f"{path}/", str(cache) + "/", recursive=True)
+    problem = weights_problem((f.name for f in cache.iterdir()), uri)
+    if problem:
+        raise ConfigError(problem)
     return str(cache)
 
 

@@ -4,8 +4,9 @@ questions through vLLM, and paired outcomes decide.
 Sets, built once so both models see the same text:
 
 * ``general``: the general-knowledge set (settings.general_set), without retrieval: what the base model knows;
-* ``split_rag``: the held-out test split of the alias's own data, in the gateway's RAG prompt (rendered by
-  ``components.training.raft``, as the adapter was trained), scored by ``reference_hit``;
+* ``split_rag``: the alias's held-out set (fixed at its first training, versioned: ``components.training.heldout``;
+  never the run's data), in the gateway's RAG prompt (rendered by ``components.training.raft``, as the adapter
+  was trained), scored by ``reference_hit``;
 * ``qa_rag``: the domain QA set (settings.qa_set) in the gateway's RAG prompt, contained match;
 * ``split`` / ``qa``: the same questions without sources, only when retrieval is unavailable.
 
@@ -79,6 +80,7 @@ class GateResult:
     regressions: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    heldout: dict[str, Any] = field(default_factory=dict)  # the held-out set version it was judged on
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,7 +209,7 @@ def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:
 
 def build_question_sets(
     settings: Settings,
-    test_split: Sequence[Example],
+    test_split: Sequence[Example],  # the alias's held-out set
     retrieve: Callable[[str, int], Sequence[Any]] | None,
 ) -> tuple[dict[str, list[Question]], list[str]]:
     """The prompts both models are asked, built once so the candidate and the baseline see the same text."""

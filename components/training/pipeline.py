@@ -1,7 +1,8 @@
 """The retraining pipeline as plain functions over JSON-able dicts: the DAG's tasks and `tandem train` run these.
 
 check_new_data -> train_candidate (once, or once per sweep point) -> pick_best -> register_candidate
--> evaluate_gate -> promote_or_reject.
+-> evaluate_gate -> promote_or_reject. The gate asks the alias's fixed held-out set (``heldout``), never
+questions drawn from the run's ``data``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from components import registry
 from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
-from components.training import artifacts
+from components.training import artifacts, heldout
 from components.training.data import Dataset, Example, data_location, load_dataset, split_dataset
 from components.training.gate import (
     GENERAL,
     GateResult,
+    Question,
     accuracy,
     answer_all,
     build_question_sets,
@@ -114,9 +116,19 @@ def train_candidate(
     from components.models import base_model_path
 
     ds = _load(settings, alias, data)
-    split = split_dataset(ds.examples, settings.train_heldout_fraction)
+    with connect(settings) as conn:
+        held = heldout.ensure(conn, settings, alias, data)
+    kept, contaminated = heldout.drop_contaminated(settings, ds.examples, held)
+    for problem in contaminated[:20]:
+        log.warning("dropped from training, the gate asks it: %s", problem)
+    if contaminated and progress is not None:
+        progress({"message": f"dropped {len(contaminated)} examples the gate asks (first: {contaminated[0]})"})
+    # the run's own test split is never trained on either: it is the reserve a `--new-heldout` is drawn from
+    split = split_dataset(kept, settings.train_heldout_fraction)
     config = TrainConfig.from_settings(settings, **(overrides or {}))
     replay = load_replay(settings, exclude=ds.digests)
+    if replay is not None:
+        replay.examples, _ = heldout.drop_contaminated(settings, replay.examples, held)
     train, validation, rendering = training_conversations(settings, split.train, split.validation)
     if progress is not None and rendering["with_sources"]:
         progress(
@@ -139,7 +151,9 @@ def train_candidate(
         "dataset_version": ds.version,
         "location": ds.location,
         "digests": sorted(ds.digests),
-        "test_digests": sorted(e.digest for e in split.test),
+        "test_digests": sorted(e.digest for e in held.examples),
+        "heldout": held.lineage(),
+        "contaminated": contaminated,
         "rendering": rendering,
     }
     Path(result.adapter_dir, artifacts.MANIFEST).write_text(json.dumps(manifest))
@@ -150,7 +164,9 @@ def train_candidate(
         "data": ds.location,
         "dataset_version": ds.version,
         "dataset_size": len(ds.examples),
-        "n_test": len(split.test),
+        "n_test": len(held.examples),
+        "heldout": held.lineage(),
+        "contaminated": contaminated,
         "rendering": rendering,
         "replay": {"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
         if replay
@@ -273,11 +289,14 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
             )
         }
     }
+    metrics["training"]["n_contaminated"] = len(trained.get("contaminated", []))
     hyper = {
         **trained["config"],
         "sweep": trained.get("sweep", []),
         "replay": trained.get("replay"),
         "rendering": trained.get("rendering"),
+        "heldout": trained.get("heldout"),
+        "contaminated": trained.get("contaminated", [])[:50],
     }
     with connect(settings) as conn:
         version = registry.register_candidate(
@@ -298,12 +317,13 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
     """Ask the candidate and the champion (or base model) the same questions through vLLM and decide on the
     paired outcomes (``components.training.gate``).
 
-    The rank is checked first: a too-large adapter is rejected without being sent to vLLM. A rejected
-    candidate is unloaded again; the verdict, both score sheets and every comparison go into the registry.
+    The domain questions are the alias's fixed held-out set (``heldout``), the QA set and the general set;
+    ``data`` is read only to draw the held-out set when the alias has none yet and no data of its own. The rank
+    is checked first: a too-large adapter is rejected without being sent to vLLM. A candidate that is not
+    passed, its scoring failed included, is unloaded again; the verdict, the held-out version it was judged on,
+    both score sheets and every comparison go into the registry.
     """
     started = time.monotonic()
-    ds = _load(settings, alias, data)
-    split = split_dataset(ds.examples, settings.train_heldout_fraction)
     with connect(settings) as conn:
         cand = registry.get_version(conn, alias, version)
         champion = registry.get_champion(conn, alias)
@@ -311,50 +331,74 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             result = GateResult(False, [f"LoRA rank {cand.lora_rank} exceeds max_lora_rank {settings.max_lora_rank}"])
             _record(conn, alias, version, result)
             return result.as_dict()
+        held = heldout.ensure(conn, settings, alias, data)
         retriever = make_retriever(settings, conn) if settings.train_with_sources else None
-        sets, notes = build_question_sets(settings, split.test, retriever)
-    with VllmClient(settings.vllm_endpoints[0]) as client:
-        client.load_adapter(cand.served_name, artifacts.local_path(settings, cand.artifact_uri))
-        if champion is not None and champion.version != version:
-            client.load_adapter(champion.served_name, artifacts.local_path(settings, champion.artifact_uri))
-            baseline_model = champion.served_name
-        else:
-            baseline_model = settings.served_model_name
-        cand_answers = answer_all(client, cand.served_name, sets, settings)
-        base_answers = answer_all(client, baseline_model, sets, settings)
-        cand_hits, base_hits = outcomes(sets, cand_answers), outcomes(sets, base_answers)
-        against_base = baseline_model == settings.served_model_name
-        base_general = None
-        if not against_base and GENERAL in sets:  # the base model anchors general knowledge
-            general_only = {GENERAL: sets[GENERAL]}
-            base_general = outcomes(
-                general_only, answer_all(client, settings.served_model_name, general_only, settings)
-            )
-        against = "the base model" if against_base else "the champion"
-        ok, reasons, comparisons = decide(
-            cand_hits, base_hits, settings.gate_alpha, against, base_general[GENERAL] if base_general else None
-        )
-        result = GateResult(
-            ok,
-            reasons,
-            accuracy(cand_hits),
-            accuracy(base_hits),
-            baseline_model,
-            accuracy(base_general)[GENERAL] if base_general else None,
-            {k: len(v) for k, v in sets.items()},
-            notes,
-            regressions(sets, cand_answers, base_answers),
-            [asdict(c) for c in comparisons],
-            round(time.monotonic() - started, 1),
-        )
-        if not ok:
-            client.unload_adapter(cand.served_name)
+        sets, notes = build_question_sets(settings, held.examples, retriever)
+    with VllmClient.for_settings(settings) as client:
+        passed = False
+        try:
+            client.load_adapter(cand.served_name, artifacts.local_path(settings, cand.artifact_uri))
+            result = _score(settings, client, cand, champion, sets, notes)
+            result.heldout = held.lineage()
+            result.seconds = round(time.monotonic() - started, 1)
+            passed = result.promote
+        finally:  # rejected, or scoring failed: the candidate does not stay loaded in vLLM
+            if not passed and (champion is None or champion.version != version):
+                _unload(client, cand.served_name)
     with connect(settings) as conn:
         _record(conn, alias, version, result)
     out = result.as_dict()
-    if ok:
+    if passed:
         out["staged"] = _stage(settings, alias, version)
     return out
+
+
+def _score(
+    settings: Settings,
+    client: VllmClient,
+    cand: registry.AdapterVersion,
+    champion: registry.AdapterVersion | None,
+    sets: dict[str, list[Question]],
+    notes: list[str],
+) -> GateResult:
+    """Both models' answers to every set, and the verdict on them."""
+    if champion is not None and champion.version != cand.version:
+        client.load_adapter(champion.served_name, artifacts.local_path(settings, champion.artifact_uri))
+        baseline_model = champion.served_name
+    else:
+        baseline_model = settings.served_model_name
+    cand_answers = answer_all(client, cand.served_name, sets, settings)
+    base_answers = answer_all(client, baseline_model, sets, settings)
+    cand_hits, base_hits = outcomes(sets, cand_answers), outcomes(sets, base_answers)
+    against_base = baseline_model == settings.served_model_name
+    base_general = None
+    if not against_base and GENERAL in sets:  # the base model anchors general knowledge
+        general_only = {GENERAL: sets[GENERAL]}
+        base_general = outcomes(general_only, answer_all(client, settings.served_model_name, general_only, settings))
+    against = "the base model" if against_base else "the champion"
+    ok, reasons, comparisons = decide(
+        cand_hits, base_hits, settings.gate_alpha, against, base_general[GENERAL] if base_general else None
+    )
+    return GateResult(
+        ok,
+        reasons,
+        accuracy(cand_hits),
+        accuracy(base_hits),
+        baseline_model,
+        accuracy(base_general)[GENERAL] if base_general else None,
+        {k: len(v) for k, v in sets.items()},
+        notes,
+        regressions(sets, cand_answers, base_answers),
+        [asdict(c) for c in comparisons],
+    )
+
+
+def _unload(client: VllmClient, name: str) -> None:
+    """Unload a candidate; a failure is logged, so it never hides the error that ended the scoring."""
+    try:
+        client.unload_adapter(name)
+    except ServiceError as exc:
+        log.error("could not unload candidate %s from vLLM after the gate: %s", name, exc)
 
 
 def _stage(settings: Settings, alias: str, version: int) -> bool:
@@ -390,9 +434,22 @@ def retrain(
     force: bool = False,
     sweep: list[dict[str, Any]] | None = None,
     progress: ProgressFn | None = None,
+    new_heldout_by: str | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline in one process (what `tandem train` runs); same functions as the DAG's tasks."""
+    """The whole pipeline in one process (what `tandem train` runs); same functions as the DAG's tasks.
+
+    ``new_heldout_by`` (the admin action `tandem train --new-heldout`, with who asked) first draws a new version
+    of the alias's held-out set from the test split of ``data``; nothing else ever changes what the gate asks.
+    """
+    renewed = None
+    if new_heldout_by:
+        with connect(settings) as conn:
+            renewed = heldout.renew(conn, settings, alias, data, new_heldout_by).lineage()
+        if progress is not None:
+            progress({"message": f"held-out set of {alias}: v{renewed['version']} ({renewed['size']} questions)"})
     check = check_new_data(settings, alias, data, force)
+    if renewed is not None:
+        check["heldout"] = renewed
     if not check["should_train"]:
         return {"check": check, "trained": False}
     runs = [train_candidate(settings, alias, data, point, progress) for point in (sweep or [{}])]

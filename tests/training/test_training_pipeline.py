@@ -50,10 +50,12 @@ def test_trained_adapter_answers_in_vllm_under_its_served_name(champion: registr
     from openai import OpenAI
 
     settings = get_settings()
-    with VllmClient(settings.vllm_endpoints[0]) as client:
+    with VllmClient.for_settings(settings) as client:
         client.load_adapter(champion.served_name, artifacts.local_path(settings, champion.artifact_uri))
         assert champion.served_name in client.models()
-    openai = OpenAI(base_url=f"{settings.vllm_endpoints[0]}/v1", api_key="unused")
+    from components.keys import vllm_secret
+
+    openai = OpenAI(base_url=f"{settings.vllm_endpoints[0]}/v1", api_key=vllm_secret(settings) or "unused")
     reply = openai.chat.completions.create(
         model=champion.served_name,
         messages=[{"role": "user", "content": "Which channel do pilots use?"}],
@@ -120,7 +122,7 @@ def test_corrupted_candidate_is_rejected_and_champion_keeps_serving(
         promotion.promote(settings, ALIAS, worse.version)  # `tandem promote` without --force
     with connect() as conn:
         assert registry.get_champion(conn, ALIAS).version == champion.version  # type: ignore[union-attr]
-    with VllmClient(settings.vllm_endpoints[0]) as client:
+    with VllmClient.for_settings(settings) as client:
         models = client.models()
         assert worse.served_name not in models and champion.served_name in models
         assert client.chat(champion.served_name, [{"role": "user", "content": "Hello"}], 4)
@@ -133,7 +135,7 @@ def test_rank_over_the_limit_is_refused_before_promotion(champion: registry.Adap
         promotion.promote(settings, ALIAS, big.version)
     gate = pipeline.evaluate_gate(settings, ALIAS, big.version)
     assert not gate["promote"] and "exceeds max_lora_rank" in gate["reasons"][0]
-    with VllmClient(settings.vllm_endpoints[0]) as client:
+    with VllmClient.for_settings(settings) as client:
         assert big.served_name not in client.models()  # never sent to vLLM
     with connect() as conn:
         assert registry.get_version(conn, ALIAS, big.version).status == "rejected"
