@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -32,16 +31,17 @@ from components.evaluation.results import (
     summarise_arm,
 )
 from components.evaluation.scoring import answer_matches, percentile, recall_at_k, reciprocal_rank, source_matches
+from components.keys import bearer, client_secret
+from components.prompting import cited_numbers
 from components.settings import Settings, find_repo_path
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 WARMUP_QUESTION = "Reply with the single word: ready."
-_MARKER = re.compile(r"\[(\d+)\]")
 
 
 def _headers(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    return bearer(client_secret(settings))
 
 
 def check_gateway(settings: Settings) -> None:
@@ -54,7 +54,10 @@ def check_gateway(settings: Settings) -> None:
             f"gateway not reachable at {settings.gateway_url} ({exc}); start it with `tandem up`"
         ) from exc
     if resp.status_code in (401, 403):
-        raise ServiceError(f"gateway at {settings.gateway_url} refused the API key: set TANDEM_API_KEYS to a valid key")
+        raise ServiceError(
+            f"gateway at {settings.gateway_url} refused the API key ({resp.status_code}): set TANDEM_API_KEYS to a "
+            "valid name:secret key, or use the key file `tandem up` writes"
+        )
     if resp.status_code != 200:
         raise ServiceError(f"gateway at {settings.gateway_url} answered GET /v1/models with HTTP {resp.status_code}")
 
@@ -64,8 +67,10 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
     extra = resp.model_extra or {}
     citations = extra.get("citations") or []
     tandem = extra.get("tandem") or {}
-    # What the answer cites: the sources whose [n] marker it carries (the gateway lists every retrieved one).
-    marked = {int(n) for n in _MARKER.findall(text)}
+    # What the answer cites: the gateway lists the sources whose [n] the answer carries; the markers are read
+    # here too, for a gateway that lists every retrieved source (one from before `retrieved` was split off).
+    numbers = [int(c["index"]) for c in citations if isinstance(c, dict) and isinstance(c.get("index"), int)]
+    marked = set(cited_numbers(text, max(numbers, default=0)))
     cited = [str(c.get("document_path") or "") for c in citations if isinstance(c, dict) and c.get("index") in marked]
     usage = resp.usage
     return Answer(
@@ -191,7 +196,7 @@ async def run_arms(
 
     client = AsyncOpenAI(
         base_url=settings.gateway_url + "/v1",
-        api_key=settings.api_keys[0] if settings.api_keys else "not-needed",
+        api_key=client_secret(settings) or "no-key-configured",
         timeout=settings.eval_request_timeout_s,
         max_retries=0,  # a retry would hide errors and skew latency; failures are counted instead
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.evaluation.scoring import key_words, normalize, source_matches
-from components.prompting import ChunkLike, build_rag_messages, query_text
+from components.prompting import ChunkLike, build_rag_messages, is_rag_prompt, query_text
 from components.training.data import Example
 
 Retrieve = Callable[[str, int], Sequence[ChunkLike]]
@@ -98,7 +98,7 @@ def _best_chunk(answer: str, chunks: Sequence[ChunkLike], source: str | None) ->
 def without_old_sources(example: Example) -> list[dict[str, Any]]:
     """The conversation minus a system message that is an old rendering of the RAG prompt."""
     messages = example.as_messages()
-    if messages and messages[0]["role"] == "system" and "\nSources:\n[1]" in messages[0]["content"]:
+    if messages and messages[0]["role"] == "system" and is_rag_prompt(str(messages[0]["content"])):
         return messages[1:]
     return messages
 

@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from components.prompting import cited_sources
+
 Gateway = Any  # the `gateway` fixture (tests/serving/conftest.py)
 ALIAS = "gwtest"
 
@@ -28,10 +30,11 @@ def test_answer_with_citations(gateway: Gateway) -> None:
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     data = completion.model_dump()
-    citations = data["citations"]
-    assert citations and citations[0]["index"] == 1
-    assert citations[0]["document_path"] == "lock.md"
-    assert {"chunk_id", "source", "title", "heading", "score"} <= set(citations[0])
+    retrieved = data["retrieved"]  # every source in the prompt; "citations" only those the answer cites
+    assert retrieved and retrieved[0]["index"] == 1
+    assert retrieved[0]["document_path"] == "lock.md"
+    assert {"chunk_id", "source", "title", "heading", "score"} <= set(retrieved[0])
+    assert data["citations"] == cited_sources(retrieved, completion.choices[0].message.content or "")
     assert data["tandem"] == {
         "alias": ALIAS,
         "adapter_version": data["tandem"]["adapter_version"],
@@ -51,7 +54,8 @@ def test_streaming_ends_with_citations_event(gateway: Gateway) -> None:
     final = chunks[-1].model_dump()
     assert text
     assert final["object"] == "tandem.citations"
-    assert final["citations"][0]["document_path"] == "lock.md"
+    assert final["retrieved"][0]["document_path"] == "lock.md"
+    assert final["citations"] == cited_sources(final["retrieved"], text)
     assert final["tandem"]["rag"] is True and final["tandem"]["alias"] == ALIAS
 
 
@@ -83,7 +87,7 @@ def test_rag_off_and_base_model(gateway: Gateway) -> None:
         extra_body={"rag": False},
     )
     data = completion.model_dump()
-    assert data["citations"] == []
+    assert data["citations"] == [] and data["retrieved"] == []
     assert data["tandem"]["rag"] is False and data["tandem"]["served_model"] == "smollm2-135m"
 
 

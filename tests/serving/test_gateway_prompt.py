@@ -96,4 +96,4 @@ def test_prompt_endpoint_needs_a_key_and_a_known_model(gateway: Any) -> None:
         resp = http.post("/v1/chat/prompt", json={**body, "model": "nope"})
         assert resp.status_code == 404
         resp = http.post("/v1/chat/prompt", json={**body, "rag": False})
-        assert resp.json() == {"messages": body["messages"], "citations": [], "rag": False, "decoding": {}}
+        assert resp.json() == {"messages": body["messages"], "retrieved": [], "rag": False, "decoding": {}}
