@@ -1,7 +1,8 @@
 """The adapter registry in Postgres: every LoRA version with its lineage, and which one is each alias's champion.
 
 A version is served by vLLM under its own name (``served_name``), never reloaded in place under an old one.
-Status moves: candidate -> champion | rejected | failed; champion -> retired (when another is promoted).
+Status moves: candidate -> champion | rejected | failed; champion -> retired (when another is promoted) or
+rolled_back (when a rollback leaves it: rollbacks walk back the lineage and never return to it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from components.errors import ConfigError
 
-STATUSES = ("candidate", "champion", "rejected", "retired", "failed")
+STATUSES = ("candidate", "champion", "rejected", "retired", "failed", "rolled_back")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class AdapterVersion:
     created_at: datetime
     updated_at: datetime
     promoted_at: datetime | None
+    promoted_by: str | None = None  # "key:<admin key name>" or "cli:<user>" (migration 0005)
+    changed_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -51,7 +54,7 @@ def served_name(alias: str, version: int) -> str:
 
 _COLUMNS = (
     "id, alias, version, base_model, dataset_version, dataset_size, hyperparameters, metrics, artifact_uri, "
-    "lora_rank, status, reason, parent_version, created_at, updated_at, promoted_at"
+    "lora_rank, status, reason, parent_version, created_at, updated_at, promoted_at, promoted_by, changed_by"
 )
 
 
@@ -134,42 +137,62 @@ def set_status(
     status: str,
     reason: str | None = None,
     metrics: dict[str, Any] | None = None,
+    actor: str | None = None,
 ) -> None:
-    """Mark a version rejected/failed/candidate (not champion: use set_champion), merging metrics in."""
+    """Mark a version rejected/failed/candidate (not champion: use set_champion), merging metrics in.
+
+    ``actor`` (who did it, e.g. "key:<name>", "cli:<user>") is recorded in ``changed_by`` when given."""
     if status not in STATUSES or status == "champion":
         raise ConfigError(f"status must be one of candidate, rejected, retired, failed (got {status!r})")
     with conn.transaction():
         conn.execute(
             """UPDATE adapter_versions SET status = %s, reason = COALESCE(%s, reason),
-                   metrics = metrics || %s, updated_at = now()
+                   metrics = metrics || %s, changed_by = COALESCE(%s, changed_by), updated_at = now()
                WHERE alias = %s AND version = %s""",
-            (status, reason, Jsonb(metrics or {}), alias, version),
+            (status, reason, Jsonb(metrics or {}), actor, alias, version),
         )
 
 
-def set_champion(conn: psycopg.Connection, alias: str, version: int, reason: str | None = None) -> AdapterVersion:
-    """Atomically make ``version`` the alias's champion and retire the previous one."""
+def set_champion(
+    conn: psycopg.Connection,
+    alias: str,
+    version: int,
+    reason: str | None = None,
+    actor: str | None = None,
+    rollback: bool = False,
+) -> AdapterVersion:
+    """Atomically make ``version`` the alias's champion and retire the previous one; ``actor`` (who did it)
+    goes to the new champion's ``promoted_by`` and both versions' ``changed_by``."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"adapter:{alias}",))
         target = get_version(conn, alias, version)
         if target.status in ("failed",):
             raise ConfigError(f"adapter {alias} v{version} failed ({target.reason}); it cannot be promoted")
         conn.execute(
-            """UPDATE adapter_versions SET status = 'retired', updated_at = now()
+            """UPDATE adapter_versions SET status = %s, changed_by = COALESCE(%s, changed_by),
+                   reason = COALESCE(%s, reason), updated_at = now()
                WHERE alias = %s AND status = 'champion' AND version <> %s""",
-            (alias, version),
+            # a rollback marks the champion it leaves, so no later rollback returns to it (rollback_target)
+            (
+                "rolled_back" if rollback else "retired",
+                actor,
+                f"rolled back to v{version}" if rollback else None,
+                alias,
+                version,
+            ),
         )
         conn.execute(
             """UPDATE adapter_versions SET status = 'champion', reason = COALESCE(%s, reason),
-                   promoted_at = now(), updated_at = now()
+                   promoted_at = now(), promoted_by = %s, changed_by = COALESCE(%s, changed_by), updated_at = now()
                WHERE alias = %s AND version = %s""",
-            (reason, alias, version),
+            (reason, actor, actor, alias, version),
         )
     return get_version(conn, alias, version)
 
 
 def rollback_target(conn: psycopg.Connection, alias: str) -> AdapterVersion:
-    """The version a rollback returns to: the most recently promoted retired version."""
+    """The version a rollback returns to: the most recently promoted retired version. A version a rollback left
+    is 'rolled_back', not 'retired', so a second rollback goes one further back instead of returning to it."""
     with conn.cursor(row_factory=class_row(AdapterVersion)) as cur:
         cur.execute(
             f"""SELECT {_COLUMNS} FROM adapter_versions WHERE alias = %s AND status = 'retired'
@@ -178,5 +201,8 @@ def rollback_target(conn: psycopg.Connection, alias: str) -> AdapterVersion:
         )
         row = cur.fetchone()
     if row is None:
-        raise ConfigError(f"alias {alias!r} has no earlier champion to roll back to")
+        raise ConfigError(
+            f"alias {alias!r} has no earlier champion to roll back to (versions rolled back from are skipped); "
+            "promote a version by hand with `tandem promote`"
+        )
     return row

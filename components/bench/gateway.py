@@ -18,6 +18,7 @@ import httpx
 
 from components.cli._output import add_json_flag, print_json, table
 from components.errors import ServiceError
+from components.keys import admin_secret, bearer, vllm_secret
 from components.settings import Settings, get_settings
 
 QUESTION = "When does Corran Lock open for transits?"
@@ -47,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def _auth(s: Settings, url: str) -> dict[str, str]:
+    """vLLM's key for a vLLM URL, else the gateway's admin key (it is also a client key)."""
+    if any(url.startswith(v) for v in s.vllm_endpoints):
+        return bearer(vllm_secret(s))
+    return bearer(admin_secret(s))
 
 
 async def _load(url: str, body: dict[str, Any], headers: dict[str, str], n: int, clients: int) -> dict[str, Any]:
@@ -108,7 +116,7 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 async def _rounds_at_16(
-    s: Settings, variants: dict[str, tuple[str, dict[str, Any]]], headers: dict[str, str], n: int, rounds: int
+    s: Settings, variants: dict[str, tuple[str, dict[str, Any]]], n: int, rounds: int
 ) -> dict[str, dict[str, Any]]:
     """The 16-client variants in ``rounds`` rounds, each in a rotated order, so the host's drift from minute to
     minute spreads over all of them; the CPU the gateway and vLLM spend on each variant is summed as well."""
@@ -122,13 +130,13 @@ async def _rounds_at_16(
         for name in names[i % len(names) :] + names[: i % len(names)]:
             url, body = variants[name]
             before = {k: _cpu_seconds(pids.get(k)) for k in ("gateway", "vllm")}
-            runs[name].append(await _load(url, body, headers, n, 16))
+            runs[name].append(await _load(url, body, _auth(s, url), n, 16))
             for k in ("gateway", "vllm"):
                 cpu[name][k] += _cpu_seconds(pids.get(k)) - before[k]
     return {name: _row(runs[name], cpu[name]) for name in names}
 
 
-async def _overhead_pairs(s: Settings, headers: dict[str, str], n: int) -> dict[str, Any]:
+async def _overhead_pairs(s: Settings, n: int) -> dict[str, Any]:
     """1 client, 1 token: a direct and a gateway request per pair, in alternating order so that neither side
     always follows the other (vLLM's prefix cache, drift); the overhead is the median of the pairs' differences."""
     direct_body = {
@@ -141,15 +149,16 @@ async def _overhead_pairs(s: Settings, headers: dict[str, str], n: int) -> dict[
         "gateway": (s.gateway_url + "/v1/chat/completions", {**direct_body, "rag": False}),
     }
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    async with httpx.AsyncClient(timeout=120, headers=headers) as http:
+    async with httpx.AsyncClient(timeout=120) as http:
         for _ in range(3):  # warm both paths
             for url, body in targets.values():
-                await http.post(url, json=body)
+                await http.post(url, json=body, headers=_auth(s, url))
         for i in range(n):
             for side in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
                 url, body = targets[side]
+                headers = _auth(s, url)
                 t = time.perf_counter()
-                (await http.post(url, json=body)).raise_for_status()
+                (await http.post(url, json=body, headers=headers)).raise_for_status()
                 times[side].append(time.perf_counter() - t)
     d, g = statistics.median(times["direct"]), statistics.median(times["gateway"])
     diffs = [b - a for a, b in zip(times["direct"], times["gateway"], strict=True)]
@@ -287,9 +296,11 @@ def _cleanup(s: Settings) -> None:
     with connect(s) as conn:
         conn.execute("DELETE FROM adapter_versions WHERE alias = 'bench'")
         conn.commit()
+    headers = bearer(vllm_secret(s))
     for url in s.vllm_endpoints:
-        for name in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"] if m["id"].startswith("bench-v")]:
-            httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": name})
+        models = httpx.get(url + "/v1/models", headers=headers).json()["data"]
+        for name in [m["id"] for m in models if m["id"].startswith("bench-v")]:
+            httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,8 +308,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = get_settings()
     manager.up(s, only=["postgres", "vllm", "gateway"])
-    key = (s.admin_api_keys or s.api_keys or ["none"])[0]
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = bearer(admin_secret(s))  # the gateway's admin API (promotions) and /v1
     base = {
         "model": s.served_model_name,
         "messages": [{"role": "user", "content": QUESTION}],
@@ -308,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     direct_url, gw_url = s.vllm_endpoints[0] + "/v1/chat/completions", s.gateway_url + "/v1/chat/completions"
     results: dict[str, Any] = {"settings": {"max_tokens": args.max_tokens, "vllm": s.vllm_endpoints}}
     results["embed_retrieve"] = _embed_retrieve(s, 40)
-    results["overhead_1_client"] = asyncio.run(_overhead_pairs(s, headers, args.requests))
+    results["overhead_1_client"] = asyncio.run(_overhead_pairs(s, args.requests))
     variants = {
         "direct": (direct_url, base),
         "gateway_rag_off": (gw_url, {**base, "rag": False}),
@@ -316,9 +326,9 @@ def run(args: argparse.Namespace) -> int:
     }
     n1 = max(8, args.requests // 4)
     load: dict[str, Any] = {
-        f"{k}_1": _row([asyncio.run(_load(u, b, headers, n1, 1))]) for k, (u, b) in variants.items()
+        f"{k}_1": _row([asyncio.run(_load(u, b, _auth(s, u), n1, 1))]) for k, (u, b) in variants.items()
     }
-    at16 = asyncio.run(_rounds_at_16(s, variants, headers, args.requests_16, args.rounds_16))
+    at16 = asyncio.run(_rounds_at_16(s, variants, args.requests_16, args.rounds_16))
     load |= {f"{k}_16": v for k, v in at16.items()}
     results["load"] = load
     folders = _bench_adapters(s)

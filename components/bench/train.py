@@ -21,6 +21,7 @@ import httpx
 
 from components.cli._output import add_json_flag, print_json
 from components.errors import TandemError
+from components.keys import bearer, client_secret
 from components.settings import Settings, get_settings
 
 RESULTS = Path("bench/results/train.json")
@@ -81,7 +82,7 @@ def _first_answer(settings: Settings, alias: str, served: str) -> tuple[str, flo
     started = time.monotonic()
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What is a DON?"}]
     body = {"messages": messages, "max_tokens": 16, "temperature": 0}
-    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    headers = bearer(client_secret(settings))
     try:
         resp = httpx.post(
             f"{settings.gateway_url}/v1/chat/completions", json={**body, "model": alias}, headers=headers, timeout=120
@@ -96,7 +97,7 @@ def _first_answer(settings: Settings, alias: str, served: str) -> tuple[str, flo
     with connect(settings) as conn:
         champ = registry.get_champion(conn, alias)
     assert champ is not None
-    with VllmClient(settings.vllm_endpoints[0]) as client:
+    with VllmClient.for_settings(settings) as client:
         client.load_adapter(served, artifacts.local_path(settings, champ.artifact_uri))
         client.chat(served, messages, 16)
     return "vllm", time.monotonic() - started

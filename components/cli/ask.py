@@ -7,6 +7,7 @@ from typing import Any
 
 from components.cli._output import add_json_flag, print_json
 from components.errors import ConfigError, ServiceError
+from components.keys import client_secret
 from components.settings import get_settings
 
 
@@ -26,7 +27,8 @@ def _client() -> Any:
     import openai
 
     settings = get_settings()
-    key = (settings.api_keys or settings.admin_api_keys or ["none"])[0]
+    # the openai client needs some string; with no key the gateway answers a one-line 403 that says what to set
+    key = client_secret(settings) or "no-key-configured"
     return openai.OpenAI(base_url=settings.gateway_url + "/v1", api_key=key, max_retries=0, timeout=600)
 
 

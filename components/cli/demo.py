@@ -48,7 +48,9 @@ def _step(title: str) -> None:
 
 
 def ask_base_model(settings: Settings, question: str, max_tokens: int = 32) -> str:
-    """One chat completion from the base model, straight from vLLM."""
+    """One chat completion from the base model, straight from vLLM (with its key)."""
+    from components.keys import bearer, vllm_secret
+
     resp = httpx.post(
         settings.vllm_endpoints[0] + "/v1/chat/completions",
         json={
@@ -57,6 +59,7 @@ def ask_base_model(settings: Settings, question: str, max_tokens: int = 32) -> s
             "max_tokens": max_tokens,
             "temperature": 0,
         },
+        headers=bearer(vllm_secret(settings)),
         timeout=120,
     )
     resp.raise_for_status()

@@ -52,7 +52,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         _print_status(items)
         if any(i.name == "gateway" and i.state == "up" for i in items):
-            print(f"\nPlayground: {settings.gateway_url}/   OpenAI base_url: {settings.gateway_url}/v1")
+            from components.keys import client_secret, key_file
+
+            # the client key travels in the URL fragment, which the browser never sends to the server
+            key = client_secret(settings)
+            playground = f"{settings.gateway_url}/" + (f"#key={key}" if key else "")
+            print(f"\nPlayground: {playground}\nOpenAI base_url: {settings.gateway_url}/v1")
+            print(f"Keys: {key_file(settings)} (client and admin keys as name:secret; `tandem` commands use them)")
+            print(f"Dashboards: {settings.gateway_url}/dashboards")
         airflow = next((i for i in items if i.name == "airflow" and i.state == "up"), None)
         if airflow:
             from components.stack.airflow import admin_login

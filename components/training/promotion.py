@@ -7,6 +7,7 @@ reconciler loads the champions from it when it starts.
 
 from __future__ import annotations
 
+import getpass
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,7 +16,9 @@ import httpx
 from components import registry
 from components.db import connect
 from components.errors import ConfigError, ServiceError
+from components.keys import admin_secret, bearer
 from components.settings import Settings
+from components.training import artifacts
 
 MAX_REASON = 500  # the gateway's admin API takes at most this many characters
 
@@ -41,9 +44,17 @@ def check_rank(settings: Settings, version: registry.AdapterVersion) -> None:
         )
 
 
+def local_actor() -> str:
+    """Who a change made here without the gateway is recorded as (the registry's promoted_by/changed_by)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (a container)
+        return "cli:unknown"
+
+
 def _gateway(settings: Settings, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    """POST to the gateway's admin API; None when the gateway is not running."""
-    headers = {"Authorization": f"Bearer {settings.admin_api_keys[0]}"} if settings.admin_api_keys else {}
+    """POST to the gateway's admin API with the admin key; None when the gateway is not running."""
+    headers = bearer(admin_secret(settings))
     try:
         resp = httpx.post(f"{settings.gateway_url}{path}", json=body, headers=headers, timeout=120.0)
     except (httpx.ConnectError, httpx.ConnectTimeout):
@@ -69,6 +80,7 @@ def promote(
     with connect(settings) as conn:
         target = registry.get_version(conn, alias, version)
         check_rank(settings, target)
+        artifacts.check_weights(target.artifact_uri)  # safetensors only: a pickled adapter is refused
         if target.status == "champion":
             return PromotionResult(alias, version, target.served_name, "none", "already the champion")
         if target.status == "rejected":
@@ -83,7 +95,7 @@ def promote(
     if _gateway(settings, "/v1/admin/adapters/promote", body) is not None:
         return PromotionResult(alias, version, target.served_name, "gateway", "hot-swapped by the gateway")
     with connect(settings) as conn:
-        registry.set_champion(conn, alias, version, reason=reason)
+        registry.set_champion(conn, alias, version, reason=reason, actor=local_actor())
     return PromotionResult(
         alias,
         version,
@@ -105,10 +117,11 @@ def rollback(settings: Settings, alias: str) -> PromotionResult:
     with connect(settings) as conn:
         target = registry.rollback_target(conn, alias)
         check_rank(settings, target)
+        artifacts.check_weights(target.artifact_uri)  # safetensors only: a pickled adapter is refused
     if _gateway(settings, "/v1/admin/adapters/rollback", {"alias": alias}) is not None:
         return PromotionResult(alias, target.version, target.served_name, "gateway", "rolled back by the gateway")
     with connect(settings) as conn:
-        registry.set_champion(conn, alias, target.version, reason="rollback")
+        registry.set_champion(conn, alias, target.version, reason="rollback", actor=local_actor(), rollback=True)
     return PromotionResult(
         alias,
         target.version,

@@ -7,14 +7,24 @@ from typing import Any
 import httpx
 
 from components.errors import ServiceError
+from components.settings import Settings
 
 
 class VllmClient:
     """A thin client for one vLLM server (OpenAI-compatible API with runtime LoRA updating enabled)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 600.0, api_key: str | None = None) -> None:
+        """``api_key``: the key vLLM was started with (``components.keys.vllm_secret``), or None for none."""
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, timeout_s: float = 600.0) -> VllmClient:
+        """A client for the first vLLM server of ``settings``, sending the key it was started with."""
+        from components.keys import vllm_secret
+
+        return cls(settings.vllm_endpoints[0], timeout_s, api_key=vllm_secret(settings))
 
     def close(self) -> None:
         self.http.close()
@@ -40,6 +50,11 @@ class VllmClient:
     def models(self) -> set[str]:
         try:
             resp = self.http.get("/v1/models")
+            if resp.status_code == 401:
+                raise ServiceError(
+                    f"vLLM at {self.base_url} refused our key (401): set TANDEM_VLLM_API_KEY to the key it was "
+                    "started with"
+                )
             resp.raise_for_status()
         except httpx.HTTPError as exc:
             raise ServiceError(f"vLLM at {self.base_url} is not reachable ({exc}); start it with `tandem up`") from exc

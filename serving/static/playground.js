@@ -65,7 +65,7 @@ function renderAnswer(text, count) {
   }
 }
 
-function renderCitations(citations) {
+function renderCitations(citations, cited = new Set()) {
   const list = $("citations");
   list.replaceChildren();
   for (const c of citations) {
@@ -73,7 +73,7 @@ function renderCitations(citations) {
     li.id = "cite-" + c.index;
     li.value = c.index;
     const title = document.createElement("strong");
-    title.textContent = c.title || c.document_path;
+    title.textContent = (c.title || c.document_path) + (cited.has(c.index) ? " (cited)" : "");
     const path = document.createElement("div");
     path.className = "path";
     path.textContent = c.source ? `${c.source}: ${c.document_path}` : c.document_path;
@@ -117,9 +117,10 @@ async function ask(event) {
       return;
     }
     const data = await resp.json();
-    const citations = data.citations || [];
-    renderAnswer(data.choices[0].message.content || "", citations.length);
-    renderCitations(citations);
+    // "retrieved": every source the model was given; "citations": the ones its answer cites.
+    const sources = data.retrieved || data.citations || [];
+    renderAnswer(data.choices[0].message.content || "", sources.length);
+    renderCitations(sources, new Set((data.citations || []).map((c) => c.index)));
     const t = data.tandem || {};
     const served = $("served");
     served.textContent = `served by ${t.served_model || data.model}` +
@@ -136,6 +137,17 @@ async function ask(event) {
   }
 }
 
+// A key handed over in the URL fragment (`tandem up` prints http://HOST:PORT/#key=...): the browser never sends
+// the fragment to the server. Keep it in localStorage and take it out of the address bar and history.
+function keyFromFragment() {
+  const params = new URLSearchParams(window.location.hash.slice(1));
+  const key = (params.get("key") || "").trim();
+  if (!key) return;
+  localStorage.setItem(keyStore, key);
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+}
+
+keyFromFragment();
 $("api-key").value = localStorage.getItem(keyStore) || "";
 $("api-key").addEventListener("change", () => {
   localStorage.setItem(keyStore, $("api-key").value.trim());

@@ -101,7 +101,7 @@ def eval_index(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     for item in load_qa(resolve_qa_path(settings, None), limit=STACK_QUESTIONS):
         (folder / item.source).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(docs_root / item.source, folder / item.source)
-    sync_documents(str(folder))
+    sync_documents(str(folder), settings=settings.model_copy(update={"ingest_allowed_roots": [str(folder)]}))
     return str(folder)
 
 
@@ -144,6 +144,7 @@ def eval_gateway(vllm_server: str, eval_index: str, eval_adapter: int) -> Iterat
     import httpx
     import uvicorn
 
+    from components.keys import bearer, client_secret
     from components.settings import get_settings
     from serving.app import create_app
 
@@ -154,11 +155,12 @@ def eval_gateway(vllm_server: str, eval_index: str, eval_adapter: int) -> Iterat
     )
     thread = threading.Thread(target=server.run, name="eval-gateway", daemon=True)
     thread.start()
+    auth = bearer(client_secret(settings))  # the key file the session's `manager.up` wrote
     deadline = time.monotonic() + 180
     while True:  # wait for a state (adapter loaded), never assert on time
         assert thread.is_alive() and time.monotonic() < deadline, "gateway did not come up with the eval adapter"
         if server.started:
-            models = httpx.get(settings.gateway_url + "/v1/models", timeout=10).json()["data"]
+            models = httpx.get(settings.gateway_url + "/v1/models", headers=auth, timeout=10).json()["data"]
             entry = next((m for m in models if m["id"] == EVAL_ALIAS), None)
             if entry and not entry.get("tandem", {}).get("fallback", True):
                 break

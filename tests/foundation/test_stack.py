@@ -43,7 +43,11 @@ def private_env(tmp_path: Path, base_model_dir: str) -> dict[str, str]:
 
 @pytest.mark.vllm
 def test_vllm_answers_a_real_chat_completion(vllm_server: str, settings: Settings) -> None:
-    models = httpx.get(f"{vllm_server}/v1/models", timeout=10).json()
+    from components.keys import bearer, vllm_secret
+
+    auth = bearer(vllm_secret(settings))  # `tandem up` started vLLM with the key file's key
+    assert auth
+    models = httpx.get(f"{vllm_server}/v1/models", headers=auth, timeout=10).json()
     assert settings.served_model_name in [m["id"] for m in models["data"]]
     resp = httpx.post(
         f"{vllm_server}/v1/chat/completions",
@@ -53,6 +57,7 @@ def test_vllm_answers_a_real_chat_completion(vllm_server: str, settings: Setting
             "max_tokens": 8,
             "temperature": 0,
         },
+        headers=auth,
         timeout=120,
     )
     resp.raise_for_status()

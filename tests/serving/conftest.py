@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import socket
 import threading
@@ -16,8 +17,11 @@ import httpx
 import pytest
 
 ALIAS = "gwtest"
-API_KEY = "test-user-key"
-ADMIN_KEY = "test-admin-key"
+# Keys are configured as name:secret; tests send the secret. Fresh random secrets per session (placeholders and
+# short secrets are refused at start-up).
+API_KEY_NAME, ADMIN_KEY_NAME = "tests-client", "tests-admin"
+API_KEY = secrets.token_urlsafe(24)
+ADMIN_KEY = secrets.token_urlsafe(24)
 
 DOCS = {
     "lock.md": "# Corran Lock\n\n## Opening hours\n\nCorran Lock opens for transits two hours either side of high "
@@ -95,11 +99,14 @@ def register(conn: Any, path: Path, rank: int = 8) -> int:
 def indexed_docs(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Three tiny documents indexed by the ingestion pipeline; returns the folder (its name is the source)."""
     from components.ingest.sync import sync_documents
+    from components.settings import get_settings
 
     folder = tmp_path_factory.mktemp("gwdocs")
     for name, text in DOCS.items():
         (folder / name).write_text(text)
-    sync_documents(str(folder))
+    get_settings.cache_clear()
+    settings = get_settings().model_copy(update={"ingest_allowed_roots": [str(folder)]})  # only this folder
+    sync_documents(str(folder), settings=settings)
     return str(folder)
 
 
@@ -113,6 +120,8 @@ class Gateway:
     alias: str = ALIAS
     api_key: str = API_KEY
     admin_key: str = ADMIN_KEY
+    api_key_name: str = API_KEY_NAME
+    admin_key_name: str = ADMIN_KEY_NAME
     base_model: str = "smollm2-135m"
 
     def client(self, key: str = API_KEY) -> httpx.Client:
@@ -133,7 +142,7 @@ class Gateway:
         from components.db import connect
 
         with connect() as conn:
-            registry.set_champion(conn, ALIAS, version)
+            registry.set_champion(conn, ALIAS, version, actor="cli:tests")
             conn.commit()
 
     def snapshot(self) -> dict[str, Any]:
@@ -181,8 +190,8 @@ def gateway(vllm_server: str, pg_url: str, indexed_docs: str, peft_adapters: Ada
         max_messages=8,
         max_top_k=10,
         max_body_bytes=64 * 1024,
-        api_keys=[API_KEY],
-        admin_api_keys=[ADMIN_KEY],
+        api_keys=[f"{API_KEY_NAME}:{API_KEY}"],
+        admin_api_keys=[f"{ADMIN_KEY_NAME}:{ADMIN_KEY}"],
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)

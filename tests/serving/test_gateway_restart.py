@@ -41,7 +41,10 @@ def test_restarted_vllm_gets_its_adapters_back(gateway: Gateway) -> None:
     assert restarted is not None and restarted.pid != record.pid  # a new process: runtime adapters are gone
     # (no check that vLLM's list is empty here: the reconciler may already be loading other aliases' champions)
     gateway.wait_for(lambda: gateway.champion_loaded(champion), "champion reloaded by the reconciler", timeout=60)
-    names = [m["id"] for m in httpx.get(settings.local_vllm_url + "/v1/models").json()["data"]]
+    from components.keys import bearer, vllm_secret
+
+    vllm_models = httpx.get(settings.local_vllm_url + "/v1/models", headers=bearer(vllm_secret(settings)))
+    names = [m["id"] for m in vllm_models.json()["data"]]
     assert f"{gateway.alias}-v{champion}" in names  # the reconciler gave it back, with no human
     with gateway.client() as client:
         answer = client.post(
