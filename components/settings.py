@@ -58,6 +58,10 @@ class Settings(BaseSettings):
 
     # Postgres: empty means the embedded server under state_dir/postgres.
     database_url: str = ""
+    # The gateway's own connection, as role tandem_gateway (migration 0006; components/db/gateway_role.py):
+    # empty with the embedded server, derived from it; empty with an external database_url, the gateway refuses
+    # to start rather than connect as the schema owner
+    gateway_database_url: str = ""
 
     # Models: empty means the offline defaults shipped by PyPI packages.
     base_model: str = ""
@@ -78,6 +82,11 @@ class Settings(BaseSettings):
     airflow_port: int = 8080
     prometheus_port: int = 9090
     gpu_exporter_port: int = 9400
+    # Monitoring (components/stack/alertmanager.py, serving/routers/dashboards.py): Alertmanager and the Postgres
+    # exporter started by `tandem up`; the Prometheus the dashboards page reads (empty: the local one)
+    alertmanager_port: int = 9093
+    postgres_exporter_port: int = 9187
+    prometheus_url: str = ""
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     vllm_max_model_len: int = 2048
     vllm_kv_cache_gib: int = 1
@@ -85,8 +94,12 @@ class Settings(BaseSettings):
     # "auto": bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32 (bf16 emulated on AVX2
     # was 2.6x slower per request here); or any dtype vLLM takes
     vllm_dtype: str = "auto"
+    # Keys (components/keys.py): comma-separated "name:secret" entries; unset, the key file `tandem up` writes
+    # under state_dir is used; with neither, /v1 and the admin API refuse every request (fail closed).
+    # vllm_api_key: the key vLLM is started with and the gateway and training send to it.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    vllm_api_key: str = ""
     startup_timeout_s: float = 240.0
 
     # LoRA limits, shared by training (refuse before promotion) and vLLM (--max-lora-rank, --max-loras)
@@ -109,6 +122,16 @@ class Settings(BaseSettings):
     # documents to read (new or re-chunked) from which the reader parses them in its own process, so it shares
     # no GIL with the embedding model; 0 always, a very large number never
     ingest_reader_process_docs: int = 200
+    # Ingestion safety (components/ingest): where sources may be (local folders, symlinks resolved, and URL
+    # prefixes; TANDEM_DOCS_SOURCE is always allowed too), the share of a source's documents one run may delete
+    # (deleting all of them is always refused) unless --allow-mass-delete, and each document's parse limits in
+    # the reader process (seconds; MiB of address space above the idle reader); 0 turns a limit off, and with
+    # both off documents are parsed in a thread below ingest_reader_process_docs, with no limit
+    ingest_allowed_roots: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [str(REPO_ROOT / "data")])
+    ingest_max_delete_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    ingest_document_timeout_s: float = Field(default=120.0, ge=0.0)
+    ingest_document_memory_mb: int = Field(default=1024, ge=0)
+    _split_ingest_roots = field_validator("ingest_allowed_roots", mode="before")(_split_csv)
     retrieval_ef_search: int = 64
 
     # Sample domain shipped with the repo; a relative path missing from the working directory is looked up in the
@@ -139,6 +162,25 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
+
+    # Limits (serving/limits.py, README "Limits"): request shape, rate limits per key name counted in Postgres
+    # (every gateway shares them; 0 turns one off), a per-process cap on requests to vLLM with a short queue,
+    # statement_timeout on every gateway query, and the time budgets of /metrics' snapshot and /ready
+    max_n: int = Field(default=4, ge=1)
+    max_message_chars: int = Field(default=32_768, ge=1)
+    max_filters: int = Field(default=8, ge=0)
+    max_filter_values: int = Field(default=32, ge=1)
+    rate_limit_requests_per_minute: int = Field(default=600, ge=0)
+    # completion tokens reserved per minute: max_tokens (or the default applied) x n, charged before generation
+    rate_limit_tokens_per_minute: int = Field(default=200_000, ge=0)
+    rate_limit_db_timeout_s: float = Field(default=1.0, gt=0)  # past it the limiter lets the request through
+    upstream_max_in_flight: int = Field(default=32, ge=1)
+    upstream_max_queue: int = Field(default=64, ge=0)
+    upstream_queue_timeout_s: float = Field(default=1.5, ge=0)
+    db_statement_timeout_ms: int = Field(default=5_000, ge=0)  # 0: no limit
+    metrics_refresh_interval_s: float = Field(default=10.0, gt=0)
+    metrics_db_budget_s: float = Field(default=2.0, gt=0)
+    ready_db_budget_s: float = Field(default=1.0, gt=0)
 
     # Evaluation (`tandem eval`, DAG evaluate_hybrid): RAG vs fine-tune vs hybrid through the gateway
     eval_max_tokens: int = 48

@@ -24,6 +24,7 @@ import httpx
 from components import registry
 from components.errors import ConfigError
 from components.settings import Settings
+from components.training.artifacts import weights_problem
 from serving import metrics as m
 from serving.db import Database
 from serving.replicas import Replica, ReplicaPool
@@ -31,7 +32,7 @@ from serving.replicas import Replica, ReplicaPool
 log = logging.getLogger(__name__)
 
 # Versions in these states are unloaded by the reconciler; candidates are left alone (evaluation may use them).
-_UNWANTED = ("retired", "rejected", "failed")
+_UNWANTED = ("retired", "rejected", "failed", "rolled_back")
 _WARM_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
@@ -94,8 +95,9 @@ def check_artifact(av: registry.AdapterVersion, max_rank: int) -> Path:
             f"adapter {av.served_name} has LoRA rank {rank} > max_lora_rank {max_rank}; retrain with r <= {max_rank}",
             "rank_too_high",
         )
-    if not any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise AdapterError(422, f"adapter {av.served_name}: no adapter_model.safetensors in {folder}", "bad_artifact")
+    problem = weights_problem((f.name for f in folder.iterdir() if f.is_file()), av.served_name)
+    if problem:  # the training side's rule: safetensors only, a pickle (adapter_model.bin) is refused
+        raise AdapterError(422, problem, "bad_artifact")
     return folder
 
 
@@ -376,7 +378,13 @@ class AdapterManager:
         }
 
     async def promote(
-        self, alias: str, version: int, reason: str = "promoted via the gateway", force: bool = False
+        self,
+        alias: str,
+        version: int,
+        reason: str = "promoted via the gateway",
+        force: bool = False,
+        actor: str | None = None,
+        rollback: bool = False,
     ) -> dict[str, Any]:
         """Load ``version`` on every healthy replica, warm it, switch the registry and the alias, retire the old.
 
@@ -398,7 +406,7 @@ class AdapterManager:
                 raise
             try:
                 switched = time.perf_counter()
-                await self.db.run(registry.set_champion, alias, version, reason)
+                await self.db.run(registry.set_champion, alias, version, reason, actor, rollback)
                 stages["registry"] = time.perf_counter() - switched
             except Exception as exc:
                 for replica in fresh:
@@ -429,12 +437,12 @@ class AdapterManager:
             "stages_s": {k: round(v, 4) for k, v in stages.items()},
         }
 
-    async def rollback(self, alias: str) -> dict[str, Any]:
+    async def rollback(self, alias: str, actor: str | None = None) -> dict[str, Any]:
         try:
             target = await self.db.run(registry.rollback_target, alias)
         except ConfigError as exc:
             raise AdapterError(409, str(exc), "no_rollback_target") from exc
-        return await self.promote(alias, target.version, reason="rollback via the gateway")
+        return await self.promote(alias, target.version, reason="rollback via the gateway", actor=actor, rollback=True)
 
     async def _retire(self, name: str) -> None:
         """Unload an old version once its in-flight requests have finished."""

@@ -11,14 +11,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import anyio
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from components.errors import ConfigError
+from components.keys import bearer, vllm_secret
 from components.settings import Settings, get_settings
-from serving import errors, eval_metrics, pipeline_metrics
+from serving import errors, eval_metrics, limits, pipeline_metrics, scrape_snapshot
 from serving import metrics as m
 from serving.adapters import AdapterManager
 from serving.db import Database
@@ -26,7 +29,8 @@ from serving.deps import Gateway
 from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.rag import Retriever
 from serving.replicas import ReplicaPool
-from serving.routers import admin, chat, models, retrieve, system
+from serving.routers import admin, chat, dashboards, models, retrieve, system
+from serving.security import load_keys
 
 log = logging.getLogger("serving")
 
@@ -34,24 +38,40 @@ log = logging.getLogger("serving")
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the gateway app (settings from the environment unless given)."""
     settings = settings or get_settings()
+    try:
+        vllm_key = vllm_secret(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"tandem gateway: {exc}") from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from components.db import database_url
+        from components.db.gateway_role import gateway_database_url
 
         http = httpx.AsyncClient(
+            # every call this client makes goes to vLLM (chat, adapters, probes): it carries vLLM's key
+            headers=bearer(vllm_key),
             timeout=httpx.Timeout(settings.upstream_timeout_s, connect=3.0),
             # vLLM's server drops a keep-alive connection after 5 s idle (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is
             # also the reconciler's interval: reusing one as it closes fails the request with "server
             # disconnected". Let ours expire well before.
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=2.0),
         )
-        url = await anyio.to_thread.run_sync(database_url, settings)  # may start the embedded server
-        db = Database(url, settings.db_pool_size)
+        # As role tandem_gateway, never the schema owner (may start the embedded server)
+        url = await anyio.to_thread.run_sync(gateway_database_url, settings)
+        db = Database(url, settings.db_pool_size, statement_timeout_ms=settings.db_statement_timeout_ms)
         db.open()
-        # Scrape-time gauges read from Postgres: pipelines (index freshness, registry) and evaluation scores.
-        pipeline_metrics.install(m.REGISTRY, db.pool.connection)
-        eval_metrics.install(m.REGISTRY, settings, db.pool)
+        # Gauges read from Postgres (pipelines, evaluation scores), served from snapshots a worker thread
+        # refreshes within a time budget: a scrape never waits for the database.
+        budget = settings.metrics_db_budget_s
+        stale_after = 3 * settings.metrics_refresh_interval_s + budget
+        pipeline_source = partial(db.pool.connection, timeout=budget)
+        pipeline_metrics.install(m.REGISTRY, pipeline_source, int(budget * 1000), stale_after)
+        eval_metrics.install(m.REGISTRY, settings, db.pool, budget, stale_after)
+        snapshots = [pipeline_metrics.snapshot(m.REGISTRY), eval_metrics.snapshot(m.REGISTRY)]
+        refresher = asyncio.create_task(
+            scrape_snapshot.refresh_forever(snapshots, settings.metrics_refresh_interval_s), name="tandem-metrics"
+        )
+        app.state.limits = limits.Limits(limits.RateLimiter(settings, db), limits.UpstreamGate.from_settings(settings))
         pool = ReplicaPool(settings.vllm_endpoints)
         adapters = AdapterManager(settings, pool, http, db)
         retriever = Retriever(settings, db)
@@ -67,6 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reconciler.cancel()
             with suppress(asyncio.CancelledError):
                 await reconciler
+            await scrape_snapshot.stop(refresher)
+            pipeline_metrics.uninstall(m.REGISTRY, pipeline_source)
+            eval_metrics.uninstall(m.REGISTRY, db.pool)
             await adapters.close()
             await http.aclose()
             await anyio.to_thread.run_sync(db.close)
@@ -78,8 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    try:
+        app.state.keys = load_keys(settings)
+    except ConfigError as exc:  # a placeholder or malformed key stops the start-up, in one line, no traceback
+        raise SystemExit(f"tandem gateway: {exc}") from None
     errors.install(app)
-    for module in (chat, models, retrieve, admin, system):
+    limits.install(app)
+    for module in (chat, models, retrieve, admin, system, dashboards):
         app.include_router(module.router)
     if (system.STATIC_DIR).is_dir():
         app.mount("/static", StaticFiles(directory=system.STATIC_DIR), name="static")

@@ -19,6 +19,7 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     502: "upstream_error",
     503: "service_unavailable",
 }
@@ -59,6 +60,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    if first.get("type") == "extra_forbidden":  # a field outside the allowlist (serving/schemas.py)
+        return f"unsupported parameter '{param}'{more}", param
     return f"{param or 'body'}: {first.get('msg', 'invalid')}{more}", param
 
 
@@ -76,7 +79,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, param, "invalid_value")
+        code = "unsupported_parameter" if message.startswith("unsupported parameter") else "invalid_value"
+        return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,10 +1,12 @@
-"""The latest evaluation scores as Prometheus gauges, read from Postgres at scrape time.
+"""The latest evaluation scores as Prometheus gauges, read from Postgres.
 
 A custom collector, so the numbers always match the database (no state kept in the gateway) and a gateway
-restart loses nothing. Register it once on the gateway's registry::
+restart loses nothing. The gateway installs it behind a ``Snapshot`` (serving/scrape_snapshot.py), refreshed off
+the event loop within a time budget, so a scrape never waits for Postgres::
 
-    from serving.eval_metrics import EvalScoresCollector
-    REGISTRY.register(EvalScoresCollector(settings, pool=db.pool))  # pool optional: psycopg_pool.ConnectionPool
+    eval_metrics.install(REGISTRY, settings, db.pool, timeout=2.0)
+
+Constructed directly (``EvalScoresCollector(settings)``), it reads at collect time (tests, tools).
 
 Series (latest run of each alias; arms ``base``, ``base_rag``, ``adapter``, ``adapter_rag``; arms not run,
 such as adapter arms of an alias with no champion, export no sample):
@@ -16,6 +18,7 @@ such as adapter arms of an alias with no champion, export no sample):
 - ``tandem_eval_retrieval_recall_at_k{alias,k}``, ``tandem_eval_mrr{alias}``
 - ``tandem_eval_questions{alias}``, ``tandem_eval_last_run_timestamp_seconds{alias}``
 - ``tandem_eval_scrape_ok``: 0 when the database could not be read (the other series are then absent)
+- ``tandem_eval_snapshot_age_seconds``: behind a snapshot, seconds since the database last answered
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from components.settings import Settings
+from serving.scrape_snapshot import Snapshot
 
 if TYPE_CHECKING:
     from components.evaluation.store import StoredScore
@@ -51,19 +55,48 @@ ARM_GAUGES = (
 )
 
 
-_INSTALLED: dict[int, EvalScoresCollector] = {}
+# registry -> (its snapshot, the one source behind it, the (settings, pool) of the apps that installed it)
+_INSTALLED: dict[int, tuple[Snapshot, EvalScoresCollector, list[tuple[Settings, Any]]]] = {}
+_OK_HELP = "1 when the scores could be read from Postgres."
 
 
-def install(registry: CollectorRegistry, settings: Settings, pool: Any = None) -> EvalScoresCollector:
-    """Register the collector on ``registry`` once; a later call (a second app in one process) swaps its pool."""
-    collector = _INSTALLED.get(id(registry))
-    if collector is None:
+def install(
+    registry: CollectorRegistry,
+    settings: Settings,
+    pool: Any = None,
+    timeout: float | None = None,
+    stale_after: float = 60.0,
+) -> EvalScoresCollector:
+    """Register the collector, behind a snapshot, on ``registry`` once; a later call (a second app in one process)
+    swaps its pool until ``uninstall``. ``timeout``: seconds to wait for a pooled connection."""
+    entry = _INSTALLED.get(id(registry))
+    if entry is None:
         collector = EvalScoresCollector(settings, pool=pool)
-        registry.register(collector)
-        _INSTALLED[id(registry)] = collector
-    else:
-        collector.settings, collector.pool = settings, pool
+        snap = Snapshot(collector, f"{collector.prefix}_scrape_ok", collector.prefix, stale_after)
+        registry.register(snap)
+        entry = _INSTALLED[id(registry)] = (snap, collector, [])
+    snap, collector, stack = entry
+    stack.append((settings, pool))
+    collector.settings, collector.pool, collector.timeout = settings, pool, timeout
+    snap.stale_after = stale_after
+    snap.reset()
     return collector
+
+
+def uninstall(registry: CollectorRegistry, pool: Any) -> None:
+    """Stop reading through ``pool`` (its app is shutting down): the app installed before it reads again."""
+    entry = _INSTALLED.get(id(registry))
+    if entry is None:
+        return
+    snap, collector, stack = entry
+    stack[:] = [(s, p) for s, p in stack if p is not pool]
+    if stack:
+        collector.settings, collector.pool = stack[-1]
+        snap.reset()
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    return _INSTALLED[id(registry)][0]
 
 
 class EvalScoresCollector(Collector):
@@ -72,6 +105,7 @@ class EvalScoresCollector(Collector):
     def __init__(self, settings: Settings, pool: Any = None, prefix: str = "tandem_eval") -> None:
         self.settings = settings
         self.pool = pool  # a psycopg_pool.ConnectionPool to borrow from; without one, a short connection per scrape
+        self.timeout: float | None = None  # seconds to wait for a pooled connection (None: the pool's own)
         self.prefix = prefix
         self._url: str | None = None
 
@@ -79,7 +113,7 @@ class EvalScoresCollector(Collector):
         from components.evaluation.store import latest_scores
 
         if self.pool is not None:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=self.timeout) as conn:
                 return latest_scores(conn)
         if self._url is None:
             from components.db import database_url
@@ -110,7 +144,7 @@ class EvalScoresCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         # Names only: registering the collector must not touch the database.
         yield from self._families().values()
-        yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", "")
+        yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", _OK_HELP)
 
     def collect(self) -> Iterator[Metric]:
         fams = self._families()
@@ -118,7 +152,7 @@ class EvalScoresCollector(Collector):
             scores = self._read()
         except Exception as exc:  # a scrape must not fail because the database is away: report it instead
             log.warning("evaluation scores unavailable: %s", exc)
-            yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", "1 when the scores could be read from Postgres.", 0)
+            yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", _OK_HELP, 0)
             return
         runs_seen: set[str] = set()
         for s in scores:
@@ -138,4 +172,4 @@ class EvalScoresCollector(Collector):
             fams["questions"].add_metric([s.alias], s.questions)
             fams["last_run"].add_metric([s.alias], s.finished_at.timestamp())
         yield from fams.values()
-        yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", "1 when the scores could be read from Postgres.", 1)
+        yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", _OK_HELP, 1)

@@ -55,6 +55,28 @@ REJECTED = Counter(
     subsystem="gateway",
     registry=REGISTRY,
 )
+# Limits (serving/limits.py): the per-process cap on requests to vLLM, and rate-limit checks Postgres missed.
+UPSTREAM_IN_FLIGHT = Gauge(
+    "upstream_in_flight",
+    "Requests this gateway process has in flight to vLLM (capped by TANDEM_UPSTREAM_MAX_IN_FLIGHT).",
+    namespace=NS,
+    subsystem="gateway",
+    registry=REGISTRY,
+)
+UPSTREAM_WAITING = Gauge(
+    "upstream_waiting",
+    "Requests waiting for a place among those in flight to vLLM (at most TANDEM_UPSTREAM_MAX_QUEUE).",
+    namespace=NS,
+    subsystem="gateway",
+    registry=REGISTRY,
+)
+RATE_LIMIT_ERRORS = Counter(
+    "rate_limit_errors",
+    "Rate-limit checks Postgres did not answer within TANDEM_RATE_LIMIT_DB_TIMEOUT_S (the request went through).",
+    namespace=NS,
+    subsystem="gateway",
+    registry=REGISTRY,
+)
 
 EMBED_LATENCY = Histogram(
     "embed_duration_seconds",
@@ -70,6 +92,12 @@ QUERY_ENCODER = Gauge(
     ["runtime"],
     namespace=NS,
     subsystem="rag",
+    registry=REGISTRY,
+)
+QUERY_ENCODER_MISMATCH = Gauge(
+    "query_encoder_mismatch",
+    "1 while the gateway's query encoder is not the active embedding generation's model: retrieval answers 503.",
+    namespace=NS,
     registry=REGISTRY,
 )
 RETRIEVE_LATENCY = Histogram(

@@ -1,15 +1,16 @@
-"""Pipeline gauges computed from Postgres at scrape time: index freshness and size, adapter versions and scores.
+"""Pipeline gauges read from Postgres: index freshness and size, adapter versions and scores.
 
 The pipelines (Airflow tasks, `tandem ingest`, `tandem train`) are short-lived processes with nothing to scrape;
 what they leave is rows in Postgres (ingest_runs, documents, chunks, ingest_failures, adapter_versions). This
-collector turns those rows into gauges when Prometheus scrapes the gateway, so the dashboards and the alert rules
-in infra/prometheus/rules/pipelines.yml see them. Register it once on the gateway's registry::
+collector turns those rows into gauges. The gateway installs it behind a ``Snapshot``
+(serving/scrape_snapshot.py): a worker thread refreshes it on a timer within a time budget, and a scrape only
+copies the last snapshot, so a slow or stopped Postgres never blocks serving::
 
-    install(metrics.REGISTRY, gateway_db.pool.connection)
+    install(metrics.REGISTRY, partial(gateway_db.pool.connection, timeout=2.0), statement_timeout_ms=2000)
 
-Each scrape runs a handful of aggregate queries (milliseconds); results are reused for ``min_interval`` seconds
-so several scrapers do not multiply the load. When the database cannot be read, only
-``tandem_pipeline_metrics_up 0`` is served.
+Each refresh runs a handful of aggregate queries (milliseconds). When the database cannot be read, only
+``tandem_pipeline_metrics_up 0`` is served (and ``tandem_pipeline_metrics_snapshot_age_seconds``, the age of
+the last good read). Constructed directly, ``PipelineCollector`` reads at collect time (tests, tools).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serving.scrape_snapshot import Snapshot
+
 log = logging.getLogger(__name__)
 
 ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection]]
@@ -36,7 +39,7 @@ STALE_RUN_SECONDS = 3600.0
 SCORED_VERSIONS_PER_ALIAS = 10
 
 _SPECS: dict[str, tuple[str, list[str]]] = {
-    "tandem_pipeline_metrics_up": ("1 if the pipeline tables could be read at this scrape.", []),
+    "tandem_pipeline_metrics_up": ("1 if the pipeline tables could be read at the last refresh.", []),
     "tandem_index_documents": ("Documents in the index (all sources).", []),
     "tandem_index_chunks": ("Chunks in the active embedding generation (what retrieval reads).", []),
     "tandem_index_failed_documents": ("Documents that failed to load, retried on every run.", []),
@@ -107,9 +110,12 @@ def _numeric_items(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[
 class PipelineCollector(Collector):
     """A prometheus-client collector reading the pipeline tables through ``connection()`` at each scrape."""
 
-    def __init__(self, connection: ConnectionFactory, min_interval: float = 5.0) -> None:
+    def __init__(
+        self, connection: ConnectionFactory, min_interval: float = 5.0, statement_timeout_ms: int | None = None
+    ) -> None:
         self.connection = connection
         self.min_interval = min_interval
+        self.statement_timeout_ms = statement_timeout_ms  # for this read only (SET LOCAL); None: the connection's
         self._lock = threading.Lock()
         self._cached: list[Metric] = []
         self._cached_at = float("-inf")
@@ -140,6 +146,8 @@ class PipelineCollector(Collector):
         return list(families.values())
 
     def _fill(self, conn: psycopg.Connection, f: dict[str, GaugeMetricFamily]) -> None:
+        if self.statement_timeout_ms is not None:
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(self.statement_timeout_ms),))
         has_ingest, has_registry = conn.execute(_QUERIES["tables"]).fetchone() or (False, False)
         if has_ingest:
             row = conn.execute(_QUERIES["index"]).fetchone()
@@ -170,17 +178,54 @@ class PipelineCollector(Collector):
         conn.rollback()  # read-only: leave no transaction open on a pooled connection
 
 
-_INSTALLED: dict[int, PipelineCollector] = {}
+# registry -> (its snapshot, the one source behind it, the connection factories of the apps that installed it)
+_INSTALLED: dict[int, tuple[Snapshot, PipelineCollector, list[ConnectionFactory]]] = {}
 
 
-def install(registry: CollectorRegistry, connection: ConnectionFactory) -> PipelineCollector:
-    """Register the collector on ``registry`` once; a later call (a second app in one process) swaps its source."""
-    collector = _INSTALLED.get(id(registry))
-    if collector is None:
-        collector = PipelineCollector(connection)
-        registry.register(collector)
-        _INSTALLED[id(registry)] = collector
-    else:
-        collector.connection = connection
-        collector._cached_at = float("-inf")
+def install(
+    registry: CollectorRegistry,
+    connection: ConnectionFactory,
+    statement_timeout_ms: int | None = None,
+    stale_after: float = 60.0,
+) -> PipelineCollector:
+    """Register the collector, behind a snapshot, on ``registry`` once; a later call (a second app in one process)
+    swaps its source until ``uninstall``. Refresh it with ``snapshot(registry).refresh()`` off the event loop."""
+    entry = _INSTALLED.get(id(registry))
+    if entry is None:
+        collector = PipelineCollector(connection, statement_timeout_ms=statement_timeout_ms)
+        snap = Snapshot(collector, "tandem_pipeline_metrics_up", "tandem_pipeline_metrics", stale_after)
+        registry.register(snap)
+        entry = _INSTALLED[id(registry)] = (snap, collector, [])
+    snap, collector, stack = entry
+    stack.append(connection)
+    _use(entry, connection, statement_timeout_ms, stale_after)
     return collector
+
+
+def uninstall(registry: CollectorRegistry, connection: ConnectionFactory) -> None:
+    """Stop reading through ``connection`` (its app is shutting down): the app installed before it reads again."""
+    entry = _INSTALLED.get(id(registry))
+    if entry is None or connection not in entry[2]:
+        return
+    stack = entry[2]
+    stack.remove(connection)
+    if stack:
+        _use(entry, stack[-1], entry[1].statement_timeout_ms, entry[0].stale_after)
+
+
+def _use(
+    entry: tuple[Snapshot, PipelineCollector, list[ConnectionFactory]],
+    connection: ConnectionFactory,
+    statement_timeout_ms: int | None,
+    stale_after: float,
+) -> None:
+    snap, collector, _ = entry
+    collector.connection = connection
+    collector.statement_timeout_ms = statement_timeout_ms
+    collector._cached_at = float("-inf")
+    snap.stale_after = stale_after
+    snap.reset()
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    return _INSTALLED[id(registry)][0]

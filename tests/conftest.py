@@ -28,9 +28,9 @@ def free_port() -> int:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["TANDEM_STATE_DIR"] = str(_SESSION_DIR / "state")
-    for name in ("GATEWAY", "VLLM", "AIRFLOW", "PROMETHEUS", "GPU_EXPORTER"):
+    for name in ("GATEWAY", "VLLM", "AIRFLOW", "PROMETHEUS", "GPU_EXPORTER", "ALERTMANAGER", "POSTGRES_EXPORTER"):
         os.environ[f"TANDEM_{name}_PORT"] = str(free_port())
-    for name in ("DATABASE_URL", "VLLM_URLS", "API_KEYS", "ADMIN_API_KEYS", "EMBEDDING_MODEL"):
+    for name in ("DATABASE_URL", "VLLM_URLS", "API_KEYS", "ADMIN_API_KEYS", "VLLM_API_KEY", "EMBEDDING_MODEL"):
         os.environ.pop(f"TANDEM_{name}", None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

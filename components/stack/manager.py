@@ -72,6 +72,16 @@ def _start_one(svc: Service, settings: Settings) -> None:
     process.wait_until(svc.name, lambda: is_up(svc, settings), record, svc.startup_timeout(settings))
 
 
+def _ensure_keys(settings: Settings, on_event: Callable[[str, str], None]) -> None:
+    """The local key file (client, admin and vLLM keys), made the first time; a one-line error if unusable."""
+    from components.keys import ensure_key_file, gateway_keys, vllm_secret
+
+    path, created = ensure_key_file(settings)
+    gateway_keys(settings)  # configured keys checked before anything starts: a placeholder stops `up` here
+    vllm_secret(settings)
+    on_event("keys", f"{'generated' if created else 'using'} {path} (mode 0600)")
+
+
 def up(
     settings: Settings,
     only: Iterable[str] | None = None,
@@ -87,6 +97,7 @@ def up(
     unknown = [n for n in wanted if n not in SERVICE_NAMES]
     if unknown:
         raise ServiceError(f"unknown component {unknown[0]!r}; expected one of {', '.join(SERVICE_NAMES)}")
+    _ensure_keys(settings, on_event)
     started: list[str] = []
     try:
         for svc in SERVICES:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.keys import vllm_secret
 from components.settings import Settings
-from components.stack import process
+from components.stack import alertmanager, process
 from components.stack.health import http_ok
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +92,7 @@ def vllm_command(settings: Settings) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        "components.stack.vllm_server",  # vLLM's api_server, with its API key guarding every route but health
         "--model",
         base_model_path(settings),
         "--served-model-name",
@@ -118,6 +119,11 @@ def vllm_command(settings: Settings) -> list[str]:
 
 def vllm_env(settings: Settings) -> dict[str, str]:
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    # vLLM's key (from the environment, not --api-key, so it is not in the process list): only the gateway and
+    # training, which read the same key file or TANDEM_VLLM_API_KEY, can call it
+    key = vllm_secret(settings)
+    if key:
+        env["VLLM_API_KEY"] = key
     if vllm_flavour() == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_kv_cache_gib)
         # OpenMP threads sleep when a parallel region ends instead of spinning. vLLM shares the cores with the
@@ -168,7 +174,8 @@ def prometheus_command(settings: Settings) -> list[str]:
         f"--config.file={config}",
         f"--storage.tsdb.path={settings.state_dir / 'prometheus'}",
         f"--web.listen-address={settings.host}:{settings.prometheus_port}",
-        "--web.enable-lifecycle",
+        # no --web.enable-lifecycle: /-/reload and /-/quit would let anyone who reaches the port stop it;
+        # `tandem up` rewrites the config and (re)starts the process, a running one reloads on SIGHUP
     ]
 
 
@@ -241,6 +248,27 @@ SERVICES: list[Service] = [
         command=lambda s: [str(Path(sys.executable).parent / "airflow"), "standalone"],
         env=airflow_env,
         startup_timeout=lambda s: max(s.startup_timeout_s, 180.0),
+    ),
+    # Monitoring beside Prometheus (components/stack/alertmanager.py): started before it, so its first rule
+    # evaluation already has an Alertmanager to send to and an exporter to scrape.
+    Service(
+        name="alertmanager",
+        url=lambda s: _http(s, s.alertmanager_port),
+        health_url=lambda s: _http(s, s.alertmanager_port) + "/-/ready",
+        port=lambda s: s.alertmanager_port,
+        missing=alertmanager.alertmanager_missing,
+        command=alertmanager.alertmanager_command,
+        startup_timeout=lambda s: 30.0,
+    ),
+    Service(
+        name="postgres-exporter",
+        url=lambda s: _http(s, s.postgres_exporter_port) + "/metrics",
+        health_url=lambda s: _http(s, s.postgres_exporter_port) + "/metrics",
+        port=lambda s: s.postgres_exporter_port,
+        missing=alertmanager.postgres_exporter_missing,
+        command=alertmanager.postgres_exporter_command,
+        env=alertmanager.postgres_exporter_env,
+        startup_timeout=lambda s: 30.0,
     ),
     Service(
         name="prometheus",

@@ -11,11 +11,12 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from components.prompting import build_rag_messages, citations_for, decoding_defaults, query_text
+from components.prompting import build_rag_messages, citations_for, cited_sources, decoding_defaults, query_text
 from serving import metrics as m
 from serving.adapters import Route
 from serving.deps import Gateway, GatewayDep
 from serving.errors import ApiError, error_body
+from serving.limits import check_filters, check_messages, get_limits, release_after, subject_of
 from serving.schemas import ChatCompletionRequest
 from serving.security import require_api_key
 from serving.upstream import Upstream, open_chat
@@ -35,6 +36,26 @@ def check_limits(req: ChatCompletionRequest, gw: Gateway) -> None:
             raise ApiError(400, f"{name}: at most {s.max_tokens_limit} (got {value})", param=name)
     if req.top_k is not None and req.top_k > s.max_top_k:
         raise ApiError(400, f"top_k: at most {s.max_top_k} (got {req.top_k})", param="top_k")
+    if req.choices() > s.max_n:
+        raise ApiError(400, f"n: at most {s.max_n} (got {req.n})", param="n")
+    check_messages(req.messages, s)
+    check_filters(req.filters, s)
+
+
+def reserved_tokens(req: ChatCompletionRequest, gw: Gateway) -> int:
+    """Completion tokens a request may generate (max_tokens, or the default it will get, times n): what the
+    per-key token limit charges before generation."""
+    s = gw.settings
+    explicit = [v for v in (req.max_tokens, req.max_completion_tokens) if v is not None]
+    if explicit:
+        per_choice = max(explicit)
+    else:
+        default = s.default_max_tokens
+        if req.rag:
+            rag = decoding_defaults(s, adapter=req.model != s.served_model_name)
+            default = max(default, int(rag.get("max_tokens", default)))
+        per_choice = min(default, s.max_tokens_limit)
+    return per_choice * req.choices()
 
 
 def _tandem_info(route: Route, rag: bool) -> dict[str, Any]:
@@ -78,14 +99,15 @@ async def grounded_messages(req: ChatCompletionRequest, gw: Gateway) -> tuple[li
 
 
 @router.post("/v1/chat/prompt", summary="The messages a chat request would send to the model, without generating")
-async def chat_prompt(req: ChatCompletionRequest, gw: GatewayDep) -> dict[str, Any]:
+async def chat_prompt(req: ChatCompletionRequest, request: Request, gw: GatewayDep) -> dict[str, Any]:
     check_limits(req, gw)
     gw.adapters.resolve(req.model)
+    await get_limits(request).rate.check(subject_of(request))
     messages, chunks, rag = await grounded_messages(req, gw)
     adapter = req.model != gw.settings.served_model_name
     return {
         "messages": messages,
-        "citations": citations_for(chunks),
+        "retrieved": citations_for(chunks),
         "rag": rag,
         "decoding": decoding_defaults(gw.settings, adapter=adapter) if rag else {},
     }
@@ -96,8 +118,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
     check_limits(req, gw)
     gw.adapters.resolve(req.model)  # unknown model: 404 before any retrieval work
     request.state.alias = req.model
+    limits = get_limits(request)
+    await limits.rate.check(subject_of(request), reserved_tokens(req, gw))  # 429 before any work
     messages, chunks, rag = await grounded_messages(req, gw)
-    citations = citations_for(chunks)
+    retrieved = citations_for(chunks)  # every source in the prompt; "citations" are those the answer cites
 
     body = req.model_dump(exclude=_TANDEM_FIELDS, exclude_none=True)
     body["messages"] = messages
@@ -109,18 +133,26 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
             body.setdefault(key, value)
     if req.max_tokens is None and req.max_completion_tokens is None:
         body["max_tokens"] = min(default_max, gw.settings.max_tokens_limit)
-    wants_usage = bool((req.stream_options or {}).get("include_usage"))
+    wants_usage = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream:
-        body["stream_options"] = {**(req.stream_options or {}), "include_usage": True}
+        body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
 
+    slot = await limits.upstream.acquire()  # 503 at once when this process has too many requests to vLLM
     started = time.perf_counter()
-    up = await open_chat(gw.http, gw.pool, gw.adapters, req.model, body)
+    try:
+        up = await open_chat(gw.http, gw.pool, gw.adapters, req.model, body)
+    except BaseException:
+        slot.release()
+        raise
     route = up.route
     request.state.alias = route.alias or ""
     request.state.adapter_version = route.adapter_version
     headers = {FALLBACK_HEADER: "base-model"} if route.fallback else {}
     if up.response.status_code >= 400:
-        return await _relay_error(up)
+        try:
+            return await _relay_error(up)
+        finally:
+            slot.release()
     info = _tandem_info(route, rag)
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     if not req.stream:
@@ -131,27 +163,32 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
             raise ApiError(502, f"vLLM at {up.replica.url} broke off the answer", code="upstream_error") from exc
         finally:
             await up.close()
+            slot.release()
         m.GENERATE_LATENCY.labels(**labels, stream="no").observe(time.perf_counter() - started)
         payload = json.loads(raw)
         _record_usage(route, payload.get("usage"))
-        payload["citations"] = citations
+        answers = "\n".join(str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or [])
+        payload["citations"] = cited_sources(retrieved, answers)
+        payload["retrieved"] = retrieved
         payload["tandem"] = info
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
-        _stream(up, citations, info, wants_usage, started),
+        release_after(_stream(up, retrieved, info, wants_usage, started), slot),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _stream(
-    up: Upstream, citations: list[dict[str, Any]], info: dict[str, Any], wants_usage: bool, started: float
+    up: Upstream, retrieved: list[dict[str, Any]], info: dict[str, Any], wants_usage: bool, started: float
 ) -> AsyncIterator[str]:
-    """vLLM's chunks as they come, then the citations event, then [DONE]."""
+    """vLLM's chunks as they come, then the citations event (the sources the answer cited, and every one
+    retrieved), then [DONE]."""
     route = up.route
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     first = True
     last: dict[str, Any] = {}
+    said: dict[int, list[str]] = {}  # what each choice said, for the citations
     try:
         async for line in up.response.aiter_lines():
             if not line.startswith("data:"):
@@ -161,6 +198,9 @@ async def _stream(
                 break
             chunk = json.loads(data)
             last = chunk
+            for choice in chunk.get("choices") or []:
+                delta = str((choice.get("delta") or {}).get("content") or "")
+                said.setdefault(int(choice.get("index") or 0), []).append(delta)
             if chunk.get("usage") and not chunk.get("choices"):
                 _record_usage(route, chunk["usage"])
                 if not wants_usage:
@@ -175,7 +215,8 @@ async def _stream(
             "created": last.get("created", int(time.time())),
             "model": last.get("model", route.served_model),
             "choices": [],
-            "citations": citations,
+            "citations": cited_sources(retrieved, "\n".join("".join(p) for p in said.values())),
+            "retrieved": retrieved,
             "tandem": info,
         }
         yield f"data: {json.dumps(final)}\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,15 +32,33 @@ def _status(gw: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/health", summary="Liveness, with the replicas' state (always 200 while the gateway runs)")
+@router.get("/health", summary="Liveness: always 200 while the gateway serves, with the replicas' state")
 async def health(gw: GatewayDep) -> dict[str, Any]:
     return _status(gw)
 
 
-@router.get("/ready", summary="Readiness: 200 when at least one vLLM replica is healthy, else 503")
+async def _database_reachable(gw: Any) -> bool:
+    budget = gw.settings.ready_db_budget_s
+    with anyio.move_on_after(budget + 0.5):  # the pool and statement timeouts end it sooner; this is the backstop
+        return await anyio.to_thread.run_sync(gw.adapters.db.reachable, budget, abandon_on_cancel=True)
+    return False
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: 200 when a vLLM replica is healthy, every champion is loaded or fallen back to the base "
+    "model, and Postgres answers within TANDEM_READY_DB_BUDGET_S; else 503 with what is missing",
+)
 async def ready(gw: GatewayDep) -> JSONResponse:
     status = _status(gw)
-    return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
+    checks = {
+        "replica_healthy": status["replicas"]["healthy"] > 0,
+        "adapters_reconciled": gw.adapters.first_round.is_set(),
+        "database_reachable": await _database_reachable(gw),
+    }
+    ok = all(checks.values())
+    body = {**status, "status": "ready" if ok else "not_ready", "checks": checks}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
