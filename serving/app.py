@@ -58,7 +58,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # As role tandem_gateway, never the schema owner (may start the embedded server)
         url = await anyio.to_thread.run_sync(gateway_database_url, settings)
-        db = Database(url, settings.db_pool_size, statement_timeout_ms=settings.db_statement_timeout_ms)
+        db = Database(
+            url,
+            settings.db_pool_size,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
+            pool_timeout_s=settings.db_pool_timeout_s,
+        )
         db.open()
         # Gauges read from Postgres (pipelines, evaluation scores), served from snapshots a worker thread
         # refreshes within a time budget: a scrape never waits for the database.

@@ -32,7 +32,9 @@ def _configure(conn: psycopg.Connection, statement_timeout_ms: int = 0) -> None:
 class Database:
     """A small wrapper over ``psycopg_pool.ConnectionPool`` whose calls run in a worker thread."""
 
-    def __init__(self, url: str, max_size: int = 4, statement_timeout_ms: int = 0) -> None:
+    def __init__(
+        self, url: str, max_size: int = 4, statement_timeout_ms: int = 0, pool_timeout_s: float = 2.0
+    ) -> None:
         self.statement_timeout_ms = statement_timeout_ms
         self.pool = ConnectionPool(
             url,
@@ -40,7 +42,9 @@ class Database:
             max_size=max_size,
             configure=partial(_configure, statement_timeout_ms=statement_timeout_ms),
             open=False,
-            timeout=10.0,
+            # How long a call waits for a connection (TANDEM_DB_POOL_TIMEOUT_S). With Postgres down every call
+            # waits this long before PoolTimeout: short, so a request fails in seconds rather than piling up.
+            timeout=pool_timeout_s,
             name="tandem",
         )
         # Threads for DB calls are limited to the pool size; waiting for a connection happens in the loop.
@@ -55,7 +59,8 @@ class Database:
     async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any) -> T:
         """``fn(conn, *args, **kwargs)`` on a pooled connection in a worker thread; committed when it returns.
 
-        ``timeout``: seconds to wait for a connection (default: the pool's 10 s); past it ``PoolTimeout``.
+        ``timeout``: seconds to wait for a connection (default: the pool's ``pool_timeout_s``); past it
+        ``PoolTimeout``.
         """
 
         def call() -> T:

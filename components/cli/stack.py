@@ -59,7 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             playground = f"{settings.gateway_url}/" + (f"#key={key}" if key else "")
             print(f"\nPlayground: {playground}\nOpenAI base_url: {settings.gateway_url}/v1")
             print(f"Keys: {key_file(settings)} (client and admin keys as name:secret; `tandem` commands use them)")
-            print(f"Dashboards: {settings.gateway_url}/dashboards")
+            print(f"Dashboards: {settings.gateway_url}/dashboards" + (f"#key={key}" if key else ""))
         airflow = next((i for i in items if i.name == "airflow" and i.state == "up"), None)
         if airflow:
             from components.stack.airflow import admin_login

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def stack(vllm_server: str, pg_url: str) -> Iterator[Any]:
+def stack(vllm_server: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The gateway and Airflow (standalone, the project's dags/) beside the session's vLLM and Postgres."""
     from components.settings import get_settings
     from components.stack import manager
@@ -50,6 +50,8 @@ def stack(vllm_server: str, pg_url: str) -> Iterator[Any]:
     # (max_active_runs=1 would queue ours behind it).
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
+        # the Param names a folder of this test's; ingestion refuses anything outside its allowed roots
+        env.setenv("TANDEM_INGEST_ALLOWED_ROOTS", f"{REPO_ROOT / 'data'},{tmp_path_factory.getbasetemp()}")
         manager.up(settings, only=wanted)
     try:
         yield settings
@@ -167,8 +169,16 @@ def test_trigger_ingest_in_airflow_then_ask_the_playground(stack: Any, docs_fold
         pytest.fail(f"ingest run {run['dag_run_id']} {run['state']}:\n{logs}")
     assert run["conf"]["source"] == str(docs_folder)
 
-    # 4. The playground: pick a model, ask, get an answer with citations from the ingested documents.
-    page.goto(settings.gateway_url + "/")
+    # 4. The playground, opened with the client key in the fragment as `tandem up` prints it: the key moves to
+    # localStorage and leaves the address bar. Pick a model, ask, get an answer with citations.
+    from components.keys import client_secret
+
+    key = client_secret(settings)
+    assert key
+    page.goto(settings.gateway_url + "/#key=" + key)
+    page.locator("#model option").first.wait_for(state="attached")
+    assert "key=" not in page.url
+    assert page.evaluate("localStorage.getItem('tandem-api-key')") == key
     page.locator("#model option").first.wait_for(state="attached")
     models = page.locator("#model option").evaluate_all("els => els.map(e => e.value)")
     assert settings.served_model_name in models

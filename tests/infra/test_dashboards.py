@@ -47,6 +47,20 @@ def _panels() -> Iterator[tuple[str, dict[str, Any]]]:
                 yield board["uid"], panel
 
 
+# Airflow's panels (airflow-exporter plugin): this module's stack runs no Airflow, so their queries are run with
+# data in tests/infra/test_airflow_local.py after a DAG run through the scheduler.
+AIRFLOW_PREFIX = "airflow_"
+
+
+def airflow_panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query that reads an Airflow metric."""
+    return [
+        (title, expr)
+        for _, title, expr in _queries()
+        if any(name.startswith(AIRFLOW_PREFIX) for name in metric_names(expr))
+    ]
+
+
 def _queries() -> list[tuple[str, str, str]]:
     """(dashboard uid, panel title, PromQL with variables substituted) for every target of every panel."""
     out = []
@@ -112,7 +126,11 @@ def test_issue_topics_have_panels() -> None:
                         "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"],
         "tandem-gpu": ["tandem:gpu_utilization_percent", "tandem:gpu_memory_used_ratio"],
         "tandem-pipelines": ["tandem_index_last_success_timestamp_seconds", "tandem_index_documents",
-                             "tandem_index_chunks", "tandem_adapter_versions", "tandem_adapter_score"],
+                             "tandem_index_chunks", "tandem_adapter_versions", "tandem_adapter_score",
+                             "tandem_eval_accuracy", "tandem_eval_last_run_timestamp_seconds",
+                             "adapter_rag", "pg_stat_activity_count", "pg_database_size_bytes",
+                             "pg_stat_user_tables_n_dead_tup", "airflow_dag_status", "airflow_task_status",
+                             "airflow_dag_run_duration", "airflow_dag_last_status"],
     }.items():  # fmt: skip
         for needle in needles:
             assert needle in text[stem], f"{stem} has no panel on {needle}"
@@ -128,6 +146,24 @@ def test_provisioning_points_at_the_dashboards() -> None:
     assert f"../grafana/dashboards:{provider['options']['path']}:ro" in mounts
 
 
+def test_airflow_metrics_are_scraped_the_same_everywhere(settings: Any) -> None:
+    """Job `airflow`, path /admin/metrics/ (the airflow-exporter plugin in the API server): local, compose, K8s."""
+    from components.stack.prometheus import write_config
+
+    path = "/admin/metrics/"
+    local = {c["job_name"]: c for c in yaml.safe_load(write_config(settings).read_text())["scrape_configs"]}
+    assert local["airflow"]["metrics_path"] == path
+    assert local["airflow"]["static_configs"][0]["targets"] == [f"{settings.host}:{settings.airflow_port}"]
+    compose = {c["job_name"]: c for c in yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"]}  # fmt: skip
+    assert compose["airflow"]["metrics_path"] == path
+    assert compose["airflow"]["static_configs"][0]["targets"] == ["airflow-apiserver:8080"]
+    values = yaml.safe_load((INFRA / "k8s" / "airflow-values.yaml").read_text())
+    annotations = values["apiServer"]["podAnnotations"]
+    assert annotations["prometheus.io/path"] == path and annotations["prometheus.io/job"] == "airflow"
+    assert values["statsd"]["podAnnotations"]["prometheus.io/job"] != "airflow"  # one job, one source
+
+
 def test_every_query_parses(promtool: str, tmp_path: Path) -> None:
     """promtool parses each query (as a recording rule) without a server: catches syntax errors early."""
     rules = [{"record": f"check:q{i}", "expr": expr} for i, (_, _, expr) in enumerate(_queries())]
@@ -140,19 +176,23 @@ def test_every_query_parses(promtool: str, tmp_path: Path) -> None:
 # --- Live: real services scraped by a real Prometheus ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prometheus(vllm_server: str, pg_url: str) -> Iterator[str]:
-    """Gateway, GPU exporter and Prometheus started by the stack manager beside the session's vLLM."""
+    """Gateway, GPU exporter, Alertmanager, Postgres exporter and Prometheus started by the stack manager beside
+    the session's vLLM."""
     from components.settings import get_settings
     from components.stack import manager
 
     get_settings.cache_clear()
     settings = get_settings()
-    wanted = ["gateway", "gpu-exporter", "prometheus"]
+    wanted = ["gateway", "gpu-exporter", "alertmanager", "postgres-exporter", "prometheus"]
     started = [s.name for s in manager.status(settings, wanted) if s.state == "down"]
     manager.up(settings, only=wanted)
     try:
         gateway = settings.gateway_url
         url = f"http://{settings.host}:{settings.prometheus_port}"
-        with httpx.Client(base_url=gateway, timeout=120.0) as client:
+        from components.keys import client_secret
+
+        auth = {"Authorization": f"Bearer {client_secret(settings)}"}  # keys fail closed: the local client key
+        with httpx.Client(base_url=gateway, headers=auth, timeout=120.0) as client:
             # Traffic, so labelled histograms and counters have series: plain, streamed, retrieval-only.
             body = {"model": settings.served_model_name, "max_tokens": 4}
             ask = {**body, "messages": [{"role": "user", "content": "When is the harbour office open?"}]}
@@ -173,11 +213,13 @@ def prometheus(vllm_server: str, pg_url: str) -> Iterator[str]:
 
 
 def _wait_for_scrapes(url: str, timeout_s: float = 90.0) -> None:
-    """Until every target is up and has been scraped after the traffic above (two scrape intervals)."""
+    """Until every target is up and has been scraped after the traffic above (two scrape intervals); Airflow is
+    not started here (see AIRFLOW_PREFIX)."""
     deadline = time.monotonic() + timeout_s
     first_all_up = None
     while time.monotonic() < deadline:
         targets = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        targets = [t for t in targets if t["labels"]["job"] != "airflow"]
         if targets and all(t["health"] == "up" for t in targets):
             first_all_up = first_all_up or time.monotonic()
             if time.monotonic() - first_all_up > 12:  # scrape_interval is 5 s
@@ -208,7 +250,8 @@ def _is_exposed(name: str, exposed: set[str], rules: dict[str, str], seen: froze
 @pytest.mark.slow
 def test_every_panel_query_runs_and_uses_exposed_metrics(prometheus: str) -> None:
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    assert {t["labels"]["job"] for t in targets} == {"tandem-gateway", "vllm", "gpu-exporter"}
+    jobs = {"tandem-gateway", "vllm", "gpu-exporter", "alertmanager", "postgres", "airflow"}
+    assert {t["labels"]["job"] for t in targets} == jobs
     exposed = _exposed(prometheus)
     rules = _recording_rules(prometheus)
     assert "tandem:gpu_memory_used_ratio" in rules  # the rules of infra/prometheus/rules are loaded
@@ -220,7 +263,7 @@ def test_every_panel_query_runs_and_uses_exposed_metrics(prometheus: str) -> Non
         problems += [
             f"{uid} / {title}: no target exposes {name}"
             for name in sorted(metric_names(expr))
-            if not _is_exposed(name, exposed, rules)
+            if not name.startswith(AIRFLOW_PREFIX) and not _is_exposed(name, exposed, rules)
         ]
     assert not problems, "\n".join(problems)
     # The traffic above is visible through the dashboards' own queries, not only as names.
