@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     metrics_refresh_interval_s: float = Field(default=10.0, gt=0)
     metrics_db_budget_s: float = Field(default=2.0, gt=0)
     ready_db_budget_s: float = Field(default=1.0, gt=0)
+    # Fault tolerance (issue 14): how long a gateway request waits for a pooled Postgres connection before its
+    # DB step fails (retrieval then answers 503), so a chat with Postgres down answers in about 3 s, not 10 s
+    db_pool_timeout_s: float = Field(default=2.0, gt=0)
 
     # Evaluation (`tandem eval`, DAG evaluate_hybrid): RAG vs fine-tune vs hybrid through the gateway
     eval_max_tokens: int = 48

@@ -32,9 +32,7 @@ def _configure(conn: psycopg.Connection, statement_timeout_ms: int = 0) -> None:
 class Database:
     """A small wrapper over ``psycopg_pool.ConnectionPool`` whose calls run in a worker thread."""
 
-    def __init__(
-        self, url: str, max_size: int = 4, statement_timeout_ms: int = 0, pool_timeout_s: float = 2.0
-    ) -> None:
+    def __init__(self, url: str, max_size: int = 4, statement_timeout_ms: int = 0, pool_timeout_s: float = 2.0) -> None:
         self.statement_timeout_ms = statement_timeout_ms
         self.pool = ConnectionPool(
             url,

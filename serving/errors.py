@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -75,6 +76,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(AdapterError)
     async def _adapter(request: Request, exc: AdapterError) -> JSONResponse:
         return error_response(exc.status, exc.message, "model" if exc.status == 404 else None, exc.code)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # Postgres down, slow (statement_timeout) or no pooled connection in time: a clear 503, never a 500
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return error_response(503, f"database unavailable: {first}", code="database_unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

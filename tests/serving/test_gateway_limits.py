@@ -259,7 +259,7 @@ def test_postgres_away_metrics_answer_within_budget_and_ready_says_so(gateway: G
         for _ in range(3):
             started = time.monotonic()
             scrape = httpx.get(served.url + "/metrics", timeout=10)
-            assert scrape.status_code == 200 and time.monotonic() - started < 1.0
+            assert scrape.status_code == 200 and time.monotonic() - started < 3.0  # was up to 10 s; margin for load
             assert "tandem_pipeline_metrics_up 0.0" in scrape.text
             assert "tandem_eval_scrape_ok 0.0" in scrape.text
             time.sleep(0.6)
