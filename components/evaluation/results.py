@@ -216,8 +216,14 @@ def recommend(arms: list[ArmScores], alias: str) -> str:
         return "No arm was measured: nothing to recommend."
     ranked = sorted(measured, key=lambda a: (-(a.accuracy or 0.0), a.latency_p50_s or float("inf")))
     best = ranked[0]
+    no_adapter = (
+        f"`{alias}` has no champion adapter, so the adapter arms were not run (`tandem train`)."
+        if any(a.status == NO_ADAPTER for a in arms)
+        else ""
+    )
     if not best.correct:
-        return "No arm answered any question correctly: nothing to recommend (check the QA set and the index)."
+        nothing = "No arm answered any question correctly: nothing to recommend (check the QA set and the index)."
+        return f"{nothing} {no_adapter}".strip()
     lines = [
         f"**{best.label}** is the most accurate arm: {_pct(best.accuracy)} ({best.correct}/{best.questions}, "
         f"95% CI {_pct(best.accuracy_low)}-{_pct(best.accuracy_high)})"
@@ -260,8 +266,8 @@ def recommend(arms: list[ArmScores], alias: str) -> str:
             f"{_pct_delta(hybrid, names[FINETUNE_ONLY])} over the fine-tune alone: "
             + ("it beats both." if beats else "it does not beat both.")
         )
-    if any(a.status == NO_ADAPTER for a in arms):
-        lines.append(f"`{alias}` has no champion adapter, so the adapter arms were not run (`tandem train`).")
+    if no_adapter:
+        lines.append(no_adapter)
     fallbacks = sum(a.fallbacks for a in arms)
     if fallbacks:
         lines.append(f"Warning: {fallbacks} adapter answers were served by the base model (adapter not loaded).")

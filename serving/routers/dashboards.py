@@ -60,12 +60,13 @@ def prometheus_url(gw: Any) -> str:
     return (settings.prometheus_url or f"http://{settings.host}:{settings.prometheus_port}").rstrip("/")
 
 
-@router.api_route(
-    "/dashboards/prometheus/api/v1/{kind}",
-    methods=["GET", "POST"],
-    dependencies=[Depends(require_api_key)],
-    summary="Read-only proxy to Prometheus's query and query_range APIs",
-)
+_PROXY = "/dashboards/prometheus/api/v1/{kind}"
+_PROXY_SUMMARY = "Read-only proxy to Prometheus's query and query_range APIs"
+
+
+# one handler, two operations with their own ids (the chart plugin sends GET, long queries go as a POST form)
+@router.get(_PROXY, dependencies=[Depends(require_api_key)], summary=_PROXY_SUMMARY, operation_id="prometheus_get")
+@router.post(_PROXY, dependencies=[Depends(require_api_key)], summary=_PROXY_SUMMARY, operation_id="prometheus_post")
 async def prometheus_query(kind: str, request: Request, gw: GatewayDep) -> Response:
     if kind not in ("query", "query_range"):
         raise ApiError(404, f"only query and query_range are proxied, not {kind!r}", code="not_found")

@@ -7,6 +7,7 @@ failure, but it would stop the fuzzer's requests before they reach the code behi
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import socket
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 Gateway = Any  # the `gateway` fixture (tests/serving/conftest.py)
@@ -65,6 +67,8 @@ def test_no_operation_answers_5xx(gateway: Gateway, tmp_path: Path) -> None:
         assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
         time.sleep(0.1)
     try:
+        schema = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()
+        operations = {f"{method.upper()} {path}" for path, item in schema["paths"].items() for method in item}
         result = subprocess.run(
             [
                 cli,
@@ -98,5 +102,11 @@ def test_no_operation_answers_5xx(gateway: Gateway, tmp_path: Path) -> None:
     failed = [line.strip("_ ") for line in result.stdout.splitlines() if line.startswith("___")]
     summary = result.stdout[result.stdout.rfind("SUMMARY") :] if "SUMMARY" in result.stdout else result.stdout[-3000:]
     assert result.returncode == 0, f"5xx answered by: {failed}\n{summary[-4000:]}\n{result.stderr[-1000:]}"
-    assert "/v1/chat/completions" in result.stdout and "/v1/retrieve" in result.stdout, summary
+    # every operation of the schema was tested (the chat and retrieval ones among them), with many cases each
+    assert {"POST /v1/chat/completions", "POST /v1/retrieve"} <= operations, sorted(operations)
+    assert f"Selected: {len(operations)}/{len(operations)}" in summary and f"Tested: {len(operations)}" in summary, (
+        summary
+    )
+    generated = re.search(r"(\d+) generated, (\d+) passed", summary)
+    assert generated and int(generated[1]) == int(generated[2]) >= 10 * len(operations), summary
     print(result.stdout[-3000:])  # the summary: operations, test cases generated, run time (pytest -s)

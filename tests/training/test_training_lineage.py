@@ -17,6 +17,7 @@ from components.db import connect
 from components.errors import ConfigError
 from components.settings import get_settings
 from components.training import artifacts, heldout, pipeline, promotion
+from tests.conftest import free_port
 
 from .conftest import FACTS, chat_line, write_examples
 
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 def lineage_env(train_env: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     # a fifth of the examples held out: FACTS then has 3 held-out questions (the split is by content hash)
     monkeypatch.setenv("TANDEM_TRAIN_HELDOUT_FRACTION", "0.2")
+    # promotions here go straight into the registry: no gateway on this port, whatever else the session runs
+    monkeypatch.setenv("TANDEM_GATEWAY_PORT", str(free_port()))
     get_settings.cache_clear()
     return train_env
 
