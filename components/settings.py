@@ -87,7 +87,16 @@ class Settings(BaseSettings):
     alertmanager_port: int = 9093
     postgres_exporter_port: int = 9187
     prometheus_url: str = ""
+    # vLLM replicas (serving/discovery.py): static URLs and/or `dns+http://NAME:PORT` entries, each A/AAAA address
+    # of NAME one replica, resolved every discovery_interval_s off the event loop (a Kubernetes headless Service).
+    # discovery_nameserver: HOST:PORT of the DNS server to ask instead of the system resolver (empty: the system's).
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    discovery_interval_s: float = Field(default=5.0, gt=0)
+    discovery_nameserver: str = ""
+    # A fleet on one machine (`tandem up`): this many vLLM replicas and gateways, on consecutive ports from
+    # vllm_port and gateway_port; every local gateway gets every local replica.
+    vllm_replicas: int = Field(default=1, ge=1, le=16)
+    gateway_replicas: int = Field(default=1, ge=1, le=16)
     vllm_max_model_len: int = 2048
     vllm_kv_cache_gib: int = 1
     vllm_extra_args: str = ""
@@ -299,8 +308,10 @@ class Settings(BaseSettings):
 
     @property
     def vllm_endpoints(self) -> list[str]:
-        """The vLLM servers the gateway talks to: TANDEM_VLLM_URLS, or the local one `tandem up` starts."""
-        return [u.rstrip("/") for u in self.vllm_urls] or [self.local_vllm_url]
+        """The vLLM servers the gateway talks to: TANDEM_VLLM_URLS (`dns+` entries as written), or the local ones
+        `tandem up` starts (vllm_replicas of them, on consecutive ports)."""
+        local = [f"http://{self.host}:{self.vllm_port + i}" for i in range(self.vllm_replicas)]
+        return [u.rstrip("/") for u in self.vllm_urls] or local
 
     @property
     def manages_vllm(self) -> bool:

@@ -26,6 +26,7 @@ from serving import metrics as m
 from serving.adapters import AdapterManager
 from serving.db import Database
 from serving.deps import Gateway
+from serving.discovery import Discovery, warm_callback
 from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.rag import Retriever
 from serving.replicas import ReplicaPool
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     try:
         vllm_key = vllm_secret(settings)
+        discovery = Discovery(settings)  # a malformed TANDEM_VLLM_URLS entry stops the start-up here
     except ConfigError as exc:
         raise SystemExit(f"tandem gateway: {exc}") from None
 
@@ -77,21 +79,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scrape_snapshot.refresh_forever(snapshots, settings.metrics_refresh_interval_s), name="tandem-metrics"
         )
         app.state.limits = limits.Limits(limits.RateLimiter(settings, db), limits.UpstreamGate.from_settings(settings))
-        pool = ReplicaPool(settings.vllm_endpoints)
+        # static URLs as they are, dns+ names resolved now and every discovery_interval_s
+        pool = ReplicaPool(await anyio.to_thread.run_sync(discovery.resolve), allow_empty=discovery.dynamic)
+        discovery.pool = pool
         adapters = AdapterManager(settings, pool, http, db)
+        discovery.warm = warm_callback(adapters)  # a replica found later gets the champions before traffic
         retriever = Retriever(settings, db)
         retriever.start_loading()
         app.state.gateway = Gateway(settings, http, pool, adapters, retriever)
         reconciler = asyncio.create_task(adapters.run_reconciler(), name="tandem-reconciler")
+        discovering = asyncio.create_task(discovery.run(), name="tandem-discovery") if discovery.dynamic else None
         with suppress(TimeoutError):  # serve right away if vLLM is slow; the reconciler keeps trying
             await asyncio.wait_for(adapters.first_round.wait(), timeout=30.0)
         log.info("gateway ready: %d/%d replica(s) healthy", len(pool.healthy), len(pool.replicas))
         try:
             yield
         finally:
-            reconciler.cancel()
-            with suppress(asyncio.CancelledError):
-                await reconciler
+            for task in (reconciler, discovering):
+                if task is not None:
+                    task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await task
             await scrape_snapshot.stop(refresher)
             pipeline_metrics.uninstall(m.REGISTRY, pipeline_source)
             eval_metrics.uninstall(m.REGISTRY, db.pool)

@@ -293,6 +293,38 @@ REPLICA_ADAPTERS = Gauge(
     registry=REGISTRY,
 )
 
+UPSTREAM_RETRIES = Counter(
+    "retries",
+    "Requests sent again to another replica after the first failed before any answer byte (failover).",
+    ["replica", "reason"],
+    namespace=NS,
+    subsystem="replica",
+    registry=REGISTRY,
+)
+DISCOVERY_ERRORS = Counter(
+    "errors",
+    "Discovery rounds in which a dns+ name did not resolve (its last known replicas were kept).",
+    ["name"],
+    namespace=NS,
+    subsystem="discovery",
+    registry=REGISTRY,
+)
+DISCOVERY_REPLICAS = Gauge(
+    "replicas",
+    "Replicas a dns+ name resolved to in the last round (or the last known set when it failed).",
+    ["name"],
+    namespace=NS,
+    subsystem="discovery",
+    registry=REGISTRY,
+)
+DISCOVERY_ADMITTED = Counter(
+    "admitted",
+    "Replicas found by discovery and put into rotation after they received the champions.",
+    namespace=NS,
+    subsystem="discovery",
+    registry=REGISTRY,
+)
+
 # --- GPU exporter (serving/gpu_exporter.py), its own registry: it runs as its own process. -----------------
 # Names map onto NVIDIA dcgm-exporter's (see README, "GPU exporter"), labels follow its gpu/UUID/modelName.
 GPU_REGISTRY = CollectorRegistry(auto_describe=True)

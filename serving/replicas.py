@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from serving import metrics as m
@@ -26,6 +26,7 @@ class Replica:
     warmed: set[str] = field(default_factory=set)  # of those, the ones this gateway loaded and saw answer
     last_error: str | None = None
     failed_checks: int = 0  # checks failed in a row
+    admitted: bool = True  # False while a replica found by discovery waits for its champions (no traffic)
 
     def mark(self, healthy: bool, error: str | None = None) -> None:
         self.healthy = healthy
@@ -55,9 +56,10 @@ class NoReplicaError(Exception):
 class ReplicaPool:
     """Picks the healthy replica with the fewest outstanding requests (ties go round-robin)."""
 
-    def __init__(self, urls: Iterable[str]) -> None:
+    def __init__(self, urls: Iterable[str], allow_empty: bool = False) -> None:
+        """``allow_empty``: discovery may find the replicas later (a DNS name that does not resolve yet)."""
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
-        if not self.replicas:
+        if not self.replicas and not allow_empty:
             raise ValueError("at least one vLLM URL is needed (TANDEM_VLLM_URLS)")
         self._tiebreak = itertools.count()
         for r in self.replicas:
@@ -66,7 +68,36 @@ class ReplicaPool:
 
     @property
     def healthy(self) -> list[Replica]:
-        return [r for r in self.replicas if r.healthy]
+        """The replicas in rotation: healthy and admitted."""
+        return [r for r in self.replicas if r.healthy and r.admitted]
+
+    def sync(self, urls: Iterable[str]) -> tuple[list[Replica], list[Replica]]:
+        """Make the pool hold exactly ``urls``; returns (added, removed).
+
+        Added replicas wait out of rotation until ``admit``. Removed ones leave at once: a new list is assigned,
+        so a loop already walking the old one is not disturbed, and requests holding a removed replica finish.
+        """
+        wanted = [u.rstrip("/") for u in urls]
+        current = {r.url: r for r in self.replicas}
+        added = [Replica(u, admitted=False) for u in wanted if u not in current]
+        removed = [r for r in self.replicas if r.url not in set(wanted)]
+        if not added and not removed:
+            return [], []
+        fresh = {r.url: r for r in added}
+        self.replicas = [current.get(u) or fresh[u] for u in dict.fromkeys(wanted)]
+        for r in added:
+            m.REPLICA_HEALTHY.labels(replica=r.url).set(0)
+            m.REPLICA_OUTSTANDING.labels(replica=r.url).set(0)
+        for r in removed:
+            r.admitted = False
+            for gauge in (m.REPLICA_HEALTHY, m.REPLICA_OUTSTANDING, m.REPLICA_ADAPTERS):
+                with suppress(KeyError):
+                    gauge.remove(r.url)
+        return added, removed
+
+    def admit(self, replica: Replica) -> None:
+        """Put a replica found by discovery into rotation (after it received the champions)."""
+        replica.admitted = True
 
     def pick(self, adapter: str | None = None, exclude: Iterable[Replica] = ()) -> Replica:
         """The least-loaded healthy replica (holding ``adapter`` when one is named).
@@ -75,7 +106,7 @@ class ReplicaPool:
         concurrent requests always see each other's outstanding counts.
         """
         skip = {id(r) for r in exclude}
-        candidates = [r for r in self.replicas if r.healthy and id(r) not in skip]
+        candidates = [r for r in self.healthy if id(r) not in skip]
         if adapter is not None:
             candidates = [r for r in candidates if adapter in r.loaded]
         if not candidates:
@@ -86,7 +117,7 @@ class ReplicaPool:
         return min((candidates[(i + turn) % n] for i in range(n)), key=lambda r: r.outstanding)
 
     def holding(self, adapter: str) -> list[Replica]:
-        return [r for r in self.replicas if r.healthy and adapter in r.loaded]
+        return [r for r in self.healthy if adapter in r.loaded]
 
     @contextmanager
     def track(self, replica: Replica) -> Iterator[Replica]:

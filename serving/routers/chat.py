@@ -140,7 +140,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
     slot = await limits.upstream.acquire()  # 503 at once when this process has too many requests to vLLM
     started = time.perf_counter()
     try:
-        up = await open_chat(gw.http, gw.pool, gw.adapters, req.model, body)
+        up = await open_chat(gw.http, gw.pool, gw.adapters, req.model, body, stream=bool(req.stream))
     except BaseException:
         slot.release()
         raise
@@ -157,7 +157,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     if not req.stream:
         try:
-            raw = await up.response.aread()
+            raw = await up.read()
         except httpx.HTTPError as exc:
             m.UPSTREAM_ERRORS.labels(replica=up.replica.url, kind="read").inc()
             raise ApiError(502, f"vLLM at {up.replica.url} broke off the answer", code="upstream_error") from exc
@@ -190,7 +190,7 @@ async def _stream(
     last: dict[str, Any] = {}
     said: dict[int, list[str]] = {}  # what each choice said, for the citations
     try:
-        async for line in up.response.aiter_lines():
+        async for line in up.lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
