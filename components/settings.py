@@ -118,6 +118,14 @@ class Settings(BaseSettings):
     # stay resident instead of being read from disk again in the middle of an engine step
     max_cpu_loras: int = 8
 
+    # Airflow's REST API (components/airflow_api.py), where the CLI announces new domain data. Empty URL: the local
+    # standalone on airflow_port. A token, or a user and password; an empty password with the local Airflow reads
+    # the file its simple auth manager writes under airflow_home. With no credentials the call is refused.
+    airflow_url: str = ""
+    airflow_username: str = "admin"
+    airflow_password: str = ""
+    airflow_token: str = ""
+
     # Schedules (cron or Airflow presets)
     ingest_schedule: str = "@hourly"
     retrain_schedule: str = "@daily"
@@ -301,6 +309,11 @@ class Settings(BaseSettings):
     @property
     def local_vllm_url(self) -> str:
         return f"http://{self.host}:{self.vllm_port}"
+
+    @property
+    def airflow_api_url(self) -> str:
+        """Airflow's API server: TANDEM_AIRFLOW_URL, or the local standalone `tandem up` starts."""
+        return self.airflow_url.rstrip("/") or f"http://{self.host}:{self.airflow_port}"
 
     @property
     def gateway_url(self) -> str:

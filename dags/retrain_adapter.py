@@ -1,9 +1,15 @@
-"""retrain_adapter: when domain examples accumulate, train a LoRA adapter, gate it against the champion, promote.
+"""retrain_adapter: when an alias gets new domain data, train a LoRA adapter for it, gate it, promote, announce.
 
-Runs on settings.retrain_schedule and whenever the domain data's asset is updated. Each task calls one
-function of components.training.pipeline (the same code `tandem train` runs); nothing heavy is imported here.
-The `data` Param only supplies training examples: the gate asks the alias's held-out set, fixed at its first
-training (a new version only through `tandem train --new-heldout`, an admin action, never from this DAG).
+Runs on settings.retrain_schedule (the default alias; an empty schedule: only on data) and on every event of
+Asset("tandem://data/domain"), whose extra names the alias. One URI for all aliases, with the alias in the
+extra, because a DAG's schedule is fixed when its file is parsed and the aliases are not known then. A run
+trains each alias its triggering events name (several events, several aliases: trained one after another,
+gated and promoted each on its own), else the `alias` Param. A promotion updates Asset("tandem://adapters/
+promoted") with that alias and version, which starts dags/evaluate_hybrid.py for it.
+
+Each task calls one function of components.training.pipeline (the same code `tandem train` runs); nothing
+heavy is imported here. The `data` Param only supplies training examples: the gate asks the alias's held-out
+set, fixed at its first training (a new version only through `tandem train --new-heldout`, never from here).
 """
 
 from __future__ import annotations
@@ -12,94 +18,128 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
 
+from components.airflow_api import DOMAIN_DATA_URI, PROMOTED_URI, event_aliases
 from components.settings import get_settings
 
 _settings = get_settings()
-ALIAS = _settings.default_alias
-DOMAIN_DATA = Asset(f"tandem://data/domain/{ALIAS}")
-PROMOTED = Asset(f"tandem://adapters/{ALIAS}/promoted")
+DOMAIN_DATA = Asset(DOMAIN_DATA_URI)
+PROMOTED = Asset(PROMOTED_URI)
 _PRESETS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *"}
+_CRON = _PRESETS.get(_settings.retrain_schedule, _settings.retrain_schedule).strip()
 
 
-def _conf() -> dict[str, Any]:
-    params = get_current_context()["params"]
-    return {"alias": params["alias"], "data": params["data"] or None}
-
-
-@task.short_circuit
-def check_new_data() -> dict[str, Any]:
-    """Stops the run (downstream skipped) unless enough new examples exist or `force` is set."""
-    from components.training.pipeline import check_new_data as check
-
-    params = get_current_context()["params"]
-    result = check(get_settings(), force=bool(params["force"]), **_conf())
-    print(result["reason"])
-    return result if result["should_train"] else {}
+def _params() -> Any:
+    return get_current_context()["params"]
 
 
 @task
-def plan_sweep(check: dict[str, Any]) -> list[dict[str, Any]]:
+def resolve_aliases(**context: Any) -> list[str]:
+    """The aliases of this run: those its domain-data events name, else the `alias` Param (manual, cron)."""
+    extras = [dict(e.extra or {}) for e in context["triggering_asset_events"].get(DOMAIN_DATA, [])]
+    param = _params()["alias"]
+    if not extras:
+        return [param]
+    aliases, skipped = event_aliases(extras, get_settings().default_alias)
+    for line in skipped:
+        print(f"left out: {line}")
+    if not aliases:
+        raise ValueError(f"no event of this run names a valid alias ({len(skipped)} left out: {skipped[0]})")
+    return aliases
+
+
+@task.short_circuit
+def check_new_data(aliases: list[str]) -> list[dict[str, Any]]:
+    """The aliases with enough new examples (or `force`); none stops the run (downstream skipped)."""
+    from components.training.pipeline import check_new_data as check
+
+    params = _params()
+    data = params["data"] or None
+    due = []
+    for alias in aliases:
+        result = check(get_settings(), alias=alias, data=data, force=bool(params["force"]))
+        print(f"{alias}: {result['reason']}")
+        if result["should_train"]:
+            due.append(result)
+    return due
+
+
+@task
+def plan_sweep(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One training job per alias and sweep point."""
     from components.training.pipeline import sweep_points
 
-    params = get_current_context()["params"]
+    params = _params()
     points = sweep_points(params["sweep_learning_rates"], params["sweep_ranks"])
-    return [{**p, "max_steps": params["max_steps"]} if params["max_steps"] else p for p in points]
+    points = [{**p, "max_steps": params["max_steps"]} if params["max_steps"] else p for p in points]
+    return [{"alias": c["alias"], "overrides": p} for c in checks for p in points]
 
 
 @task(max_active_tis_per_dagrun=1)  # two trainings on the same cores only slow each other down
-def train(overrides: dict[str, Any]) -> dict[str, Any]:
+def train(job: dict[str, Any]) -> dict[str, Any]:
     from components.training.pipeline import train_candidate
 
-    return train_candidate(get_settings(), overrides=overrides, progress=lambda e: print(e), **_conf())
+    data = _params()["data"] or None
+    return train_candidate(
+        get_settings(), alias=job["alias"], data=data, overrides=job["overrides"], progress=lambda e: print(e)
+    )
 
 
 @task
-def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
+def pick_best(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per alias, the sweep point with the lowest validation loss, registered as a candidate."""
     from components.training.pipeline import pick_best as best_of
     from components.training.pipeline import register_candidate
 
-    return register_candidate(get_settings(), best_of(list(results)))
+    by_alias: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_alias.setdefault(result["alias"], []).append(result)
+    return [register_candidate(get_settings(), best_of(runs)) for runs in by_alias.values()]
 
 
-@task
+@task(max_active_tis_per_dagrun=1)  # each gate loads its candidate and champion into the same vLLM
 def evaluate_gate(candidate: dict[str, Any]) -> dict[str, Any]:
     from components.training.pipeline import evaluate_gate as gate
 
-    result = gate(get_settings(), candidate["alias"], candidate["version"], _conf()["data"])
+    result = gate(get_settings(), candidate["alias"], candidate["version"], _params()["data"] or None)
     return {**candidate, "gate": result}
 
 
-@task.short_circuit
+@task
 def promote_or_reject(gated: dict[str, Any]) -> dict[str, Any]:
-    """Promotes a candidate that passed; a rejected one ends the run here (recorded in the registry)."""
+    """Promotes a candidate that passed; a rejection is recorded in the registry and reported."""
     from components.training.pipeline import promote_or_reject as decide
 
     outcome = decide(get_settings(), gated["alias"], gated["version"], gated["gate"])
     print(outcome)
-    return outcome if outcome["promoted"] else {}
+    return outcome
 
 
 @task(outlets=[PROMOTED])
 def announce_promotion(outcome: dict[str, Any], **context: Any) -> None:
-    """Updates the promoted-adapter asset, which the evaluation DAG listens to."""
+    """Updates the promoted-adapter asset with the alias and version promoted; skipped for a rejection."""
+    if not outcome["promoted"]:
+        raise AirflowSkipException(f"{outcome['alias']} v{outcome['version']} was not promoted: {outcome['reason']}")
     context["outlet_events"][PROMOTED].extra = {k: outcome[k] for k in ("alias", "version", "served_name")}
 
 
 @dag(
     dag_id="retrain_adapter",
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(
-            _PRESETS.get(_settings.retrain_schedule, _settings.retrain_schedule), timezone="UTC"
-        ),
-        assets=DOMAIN_DATA,
-    ),
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(_CRON, timezone="UTC"), assets=DOMAIN_DATA)
+    if _CRON
+    else DOMAIN_DATA,
     start_date=datetime(2025, 1, 1),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
     params={
-        "alias": Param(ALIAS, type="string", pattern="^[a-z0-9][a-z0-9_-]{0,62}$"),
+        "alias": Param(
+            _settings.default_alias,
+            type="string",
+            pattern="^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="the alias to train on a manual or scheduled run; a data event names its own",
+        ),
         "data": Param(
             "",
             type="string",
@@ -114,9 +154,9 @@ def announce_promotion(outcome: dict[str, Any], **context: Any) -> None:
     tags=["tandem", "training"],
 )
 def retrain_adapter() -> None:
-    check = check_new_data()
-    runs = train.expand(overrides=plan_sweep(check))
-    announce_promotion(promote_or_reject(evaluate_gate(pick_best(runs))))
+    runs = train.expand(job=plan_sweep(check_new_data(resolve_aliases())))
+    outcomes = promote_or_reject.expand(gated=evaluate_gate.expand(candidate=pick_best(runs)))
+    announce_promotion.expand(outcome=outcomes)
 
 
 retrain_adapter()

@@ -32,9 +32,10 @@ def test_dagbag_is_clean_and_schedule_combines_cron_and_promotion() -> None:
     dag = bag.dags.get("evaluate_hybrid")
     assert dag is not None
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
-    # The exact asset the retraining DAG updates when it promotes a version.
-    assert dag.timetable.asset_condition.uri == "tandem://adapters/harbour/promoted"
-    assert [t.task_id for t in dag.tasks] == ["preflight", "evaluate"]
+    # The exact asset the retraining DAG updates when it promotes a version (of any alias, named in the extra).
+    assert dag.timetable.asset_condition.uri == "tandem://adapters/promoted"
+    assert sorted(t.task_id for t in dag.tasks) == ["evaluate", "preflight", "resolve_aliases"]
+    assert [o.uri for o in dag.get_task("evaluate").outlets] == ["tandem://adapters/evaluated"]
 
 
 @pytest.mark.vllm

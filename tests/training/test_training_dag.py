@@ -30,7 +30,8 @@ def test_dagbag_is_clean_and_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "'check_new_data'" in out.stdout and "'train'" in out.stdout and "'promote_or_reject'" in out.stdout
+    assert "'resolve_aliases'" in out.stdout and "'check_new_data'" in out.stdout and "'train'" in out.stdout
+    assert "'promote_or_reject'" in out.stdout and "'announce_promotion'" in out.stdout
 
 
 @pytest.mark.slow
