@@ -229,6 +229,18 @@ class Settings(BaseSettings):
     train_unanswerable_share: float = Field(default=0.1, ge=0.0, lt=1.0)  # examples whose sources lack the answer
     train_seed: int = 0
     domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
+    # Domain data intake (components/training/intake.py, README "Domain data intake and review"): the aliases
+    # examples may be added for (besides default_alias and every alias in the adapter registry); each alias's
+    # landing location, any fsspec URL with "{alias}" in it or one subfolder per alias (empty: the data_location
+    # above); whether files found there are approved as they are imported (feedback corrections never are); the
+    # longest JSONL line read (a longer one is refused unread); the intake and review DAGs' schedule; how many
+    # pending examples one review run shows
+    aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    domain_data_url: str = ""
+    intake_auto_approve: bool = True
+    intake_max_line_bytes: int = Field(default=1_048_576, ge=1)
+    intake_schedule: str = "*/2 * * * *"
+    review_batch: int = Field(default=20, ge=1)
     min_new_examples: int = 20
     # The gate's general-knowledge questions; the default ships in the package (components/data/)
     general_set: str = str(GENERAL_SET)
@@ -246,6 +258,7 @@ class Settings(BaseSettings):
     _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", "lora_target_modules", mode="before")(
         _split_csv
     )
+    _split_aliases = field_validator("aliases", mode="before")(_split_csv)
 
     @field_validator("state_dir", mode="after")
     @classmethod

@@ -1,9 +1,9 @@
 """Each alias's held-out gate questions: fixed at the alias's first training, versioned in Postgres.
 
 The gate must judge a candidate on questions its caller did not pick. So the held-out set is drawn once, at the
-alias's first training, from the test split (by hash, ``split_dataset``) of the alias's own data
-(``data_location``; the run's data only when the alias has none), stored in ``gate_heldout_sets`` with a version
-and a content hash, and asked by every later gate. A run's ``data`` can add training examples, never questions.
+alias's first training, from the test split (by hash, ``split_dataset``) of the alias's own data (its approved
+snapshot in the intake store; the run's data only when the alias has none), stored in ``gate_heldout_sets`` with a
+version and a content hash, and asked by every later gate. A run's ``data`` can add training examples, never questions.
 (A set drawn empty, from too few examples, is replaced once by the first non-empty draw from the alias's own data.)
 A new version is made only by an explicit admin action (``tandem train --new-heldout``), drawn from the test split
 of the data given then, and recorded with who asked; every verdict records the version it was judged on.
@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 from components.errors import ConfigError
 from components.evaluation.scoring import normalize
 from components.settings import Settings
-from components.training.data import Dataset, Example, data_location, dataset_version, load_dataset, split_dataset
+from components.training.data import Dataset, Example, dataset_version, load_dataset, split_dataset
 
 
 @dataclass(frozen=True)
@@ -96,21 +96,28 @@ def _save(conn: psycopg.Connection, alias: str, examples: list[Example], origin:
     )
 
 
-def _own_data(settings: Settings, alias: str, data: str | None) -> Dataset:
+def _alias_data(conn: psycopg.Connection, settings: Settings, alias: str) -> Dataset:
+    """The alias's own data: its approved snapshot in the intake store, landing files imported first."""
+    from components.training.landing import alias_dataset
+
+    return alias_dataset(settings, alias, conn)
+
+
+def _own_data(conn: psycopg.Connection, settings: Settings, alias: str, data: str | None) -> Dataset:
     """The alias's own data; the run's ``data`` only when the alias has none (a new alias's first training)."""
     try:
-        return load_dataset(data_location(settings, alias))
+        return _alias_data(conn, settings, alias)
     except ConfigError:
         if not data:
             raise
         return load_dataset(data)
 
 
-def _refill(settings: Settings, alias: str) -> tuple[list[Example], str] | None:
+def _refill(conn: psycopg.Connection, settings: Settings, alias: str) -> tuple[list[Example], str] | None:
     """A first non-empty draw from the alias's own data (never a run's), when the stored set is empty: an alias
     first trained on a handful of examples has no test split yet, and must not stay without one for good."""
     try:
-        ds = load_dataset(data_location(settings, alias))
+        ds = _alias_data(conn, settings, alias)
     except ConfigError:
         return None
     examples = draw(ds.examples, settings.train_heldout_fraction)
@@ -123,10 +130,10 @@ def ensure(conn: psycopg.Connection, settings: Settings, alias: str, data: str |
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"heldout:{alias}",))
         found = current(conn, alias)
         if found is None:
-            ds = _own_data(settings, alias, data)
+            ds = _own_data(conn, settings, alias, data)
             _save(conn, alias, draw(ds.examples, settings.train_heldout_fraction), ds.location, "first training")
             found = current(conn, alias)
-        elif not found.examples and (refill := _refill(settings, alias)) is not None:
+        elif not found.examples and (refill := _refill(conn, settings, alias)) is not None:
             _save(conn, alias, refill[0], refill[1], f"first non-empty draw (v{found.version} was empty)")
             found = current(conn, alias)
     assert found is not None
@@ -136,7 +143,7 @@ def ensure(conn: psycopg.Connection, settings: Settings, alias: str, data: str |
 def renew(conn: psycopg.Connection, settings: Settings, alias: str, data: str | None, by: str) -> HeldoutSet:
     """The admin action `tandem train --new-heldout`: a new version drawn from the test split of ``data`` (default
     the alias's data). Unchanged content makes no new version."""
-    ds = load_dataset(data or data_location(settings, alias))
+    ds = load_dataset(data) if data else _alias_data(conn, settings, alias)
     examples = draw(ds.examples, settings.train_heldout_fraction)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"heldout:{alias}",))

@@ -25,7 +25,7 @@ from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 from components.training import artifacts, heldout
-from components.training.data import Dataset, Example, data_location, load_dataset, split_dataset
+from components.training.data import Dataset, Example, load_dataset, split_dataset
 from components.training.gate import (
     GENERAL,
     GateResult,
@@ -46,7 +46,19 @@ log = logging.getLogger(__name__)
 
 
 def _load(settings: Settings, alias: str, data: str | None) -> Dataset:
-    return load_dataset(data or data_location(settings, alias))
+    """``data`` when given (a file, folder or URL, read as is); else the alias's approved snapshot from the intake
+    store, its landing files imported first (``components.training.landing``)."""
+    if data:
+        return load_dataset(data)
+    from components.training.landing import alias_dataset
+
+    return alias_dataset(settings, alias)
+
+
+def _snapshot(ds: Dataset) -> dict[str, Any] | None:
+    """The intake snapshot a dataset is (alias, version, hash, size), for the lineage; None for a path's data."""
+    snap = getattr(ds, "snapshot", None)
+    return snap.lineage() if snap is not None else None
 
 
 def check_new_data(settings: Settings, alias: str, data: str | None = None, force: bool = False) -> dict[str, Any]:
@@ -73,6 +85,7 @@ def check_new_data(settings: Settings, alias: str, data: str | None = None, forc
         "alias": alias,
         "data": ds.location,
         "dataset_version": ds.version,
+        "snapshot": _snapshot(ds),
         "examples": len(ds.examples),
         "duplicates": ds.duplicates,
         "bad_lines": len(ds.problems),
@@ -150,6 +163,7 @@ def train_candidate(
     manifest = {
         "dataset_version": ds.version,
         "location": ds.location,
+        "snapshot": _snapshot(ds),
         "digests": sorted(ds.digests),
         "test_digests": sorted(e.digest for e in held.examples),
         "heldout": held.lineage(),
@@ -164,6 +178,7 @@ def train_candidate(
         "data": ds.location,
         "dataset_version": ds.version,
         "dataset_size": len(ds.examples),
+        "snapshot": _snapshot(ds),
         "n_test": len(held.examples),
         "heldout": held.lineage(),
         "contaminated": contaminated,
@@ -297,6 +312,7 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
         "rendering": trained.get("rendering"),
         "heldout": trained.get("heldout"),
         "contaminated": trained.get("contaminated", [])[:50],
+        "data": {"location": trained.get("data"), "snapshot": trained.get("snapshot")},
     }
     with connect(settings) as conn:
         version = registry.register_candidate(
