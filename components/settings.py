@@ -201,6 +201,16 @@ class Settings(BaseSettings):
     # Fault tolerance (issue 14): how long a gateway request waits for a pooled Postgres connection before its
     # DB step fails (retrieval then answers 503), so a chat with Postgres down answers in about 3 s, not 10 s
     db_pool_timeout_s: float = Field(default=2.0, gt=0)
+    # Feedback from answers (serving/answer_log.py, serving/routers/feedback.py, README "Feedback from answers"):
+    # record each answer (question, alias and version, retrieved chunk ids, answer, key name) so POST /v1/feedback
+    # can rate it or correct it. On by default for local use; a deployment that handles personal data decides
+    # (questions are stored as asked), and rows older than answer_retention_days are purged. The queue bounds
+    # what waits for Postgres (beyond it answers are dropped and counted, never delayed).
+    record_answers: bool = True
+    answer_retention_days: int = Field(default=30, ge=1)
+    answer_log_queue: int = Field(default=1000, ge=1)
+    answer_purge_interval_s: float = Field(default=3600.0, gt=0)
+    feedback_max_correction_chars: int = Field(default=4000, ge=1, le=32_768)
 
     # Evaluation (`tandem eval`, DAG evaluate_hybrid): RAG vs fine-tune vs hybrid through the gateway
     eval_max_tokens: int = 48

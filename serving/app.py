@@ -24,13 +24,14 @@ from components.settings import Settings, get_settings
 from serving import errors, eval_metrics, limits, pipeline_metrics, scrape_snapshot
 from serving import metrics as m
 from serving.adapters import AdapterManager
+from serving.answer_log import AnswerLog
 from serving.db import Database
 from serving.deps import Gateway
 from serving.discovery import Discovery, warm_callback
 from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.rag import Retriever
 from serving.replicas import ReplicaPool
-from serving.routers import admin, chat, dashboards, models, retrieve, system
+from serving.routers import admin, chat, dashboards, feedback, models, retrieve, system
 from serving.security import load_keys
 
 log = logging.getLogger("serving")
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scrape_snapshot.refresh_forever(snapshots, settings.metrics_refresh_interval_s), name="tandem-metrics"
         )
         app.state.limits = limits.Limits(limits.RateLimiter(settings, db), limits.UpstreamGate.from_settings(settings))
+        app.state.answer_log = answer_log = AnswerLog(settings, db)  # answers for feedback, written off the path
+        answer_log.start()
         # static URLs as they are, dns+ names resolved now and every discovery_interval_s
         pool = ReplicaPool(await anyio.to_thread.run_sync(discovery.resolve), allow_empty=discovery.dynamic)
         discovery.pool = pool
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     task.cancel()
                     with suppress(asyncio.CancelledError):
                         await task
+            await answer_log.stop()
             await scrape_snapshot.stop(refresher)
             pipeline_metrics.uninstall(m.REGISTRY, pipeline_source)
             eval_metrics.uninstall(m.REGISTRY, db.pool)
@@ -120,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise SystemExit(f"tandem gateway: {exc}") from None
     errors.install(app)
     limits.install(app)
-    for module in (chat, models, retrieve, admin, system, dashboards):
+    for module in (chat, feedback, models, retrieve, admin, system, dashboards):
         app.include_router(module.router)
     if (system.STATIC_DIR).is_dir():
         app.mount("/static", StaticFiles(directory=system.STATIC_DIR), name="static")

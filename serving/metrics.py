@@ -293,6 +293,38 @@ REPLICA_ADAPTERS = Gauge(
     registry=REGISTRY,
 )
 
+# Feedback from answers (serving/answer_log.py, serving/routers/feedback.py).
+ANSWERS_RECORDED = Counter(
+    "answers_recorded",
+    "Answers written to Postgres for feedback (TANDEM_RECORD_ANSWERS).",
+    namespace=NS,
+    subsystem="feedback",
+    registry=REGISTRY,
+)
+ANSWERS_DROPPED = Counter(
+    "answers_dropped",
+    "Answers not recorded: the queue was full, or Postgres failed the write (the answer itself went out).",
+    ["reason"],
+    namespace=NS,
+    subsystem="feedback",
+    registry=REGISTRY,
+)
+ANSWERS_PURGED = Counter(
+    "answers_purged",
+    "Recorded answers deleted after TANDEM_ANSWER_RETENTION_DAYS.",
+    namespace=NS,
+    subsystem="feedback",
+    registry=REGISTRY,
+)
+FEEDBACK = Counter(
+    "ratings",
+    "Feedback posted to /v1/feedback, by rating and whether it carried a correction.",
+    ["rating", "correction"],
+    namespace=NS,
+    subsystem="feedback",
+    registry=REGISTRY,
+)
+
 UPSTREAM_RETRIES = Counter(
     "retries",
     "Requests sent again to another replica after the first failed before any answer byte (failover).",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from components.prompting import build_rag_messages, citations_for, cited_sources, decoding_defaults, query_text
+from serving import answer_log
 from serving import metrics as m
 from serving.adapters import Route
 from serving.deps import Gateway, GatewayDep
@@ -155,6 +157,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
             slot.release()
     info = _tandem_info(route, rag)
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
+    # The gateway's own id for this answer (the response's "id", on every chunk of a stream): feedback names it
+    response_id = answer_log.new_response_id()
+    remember = partial(answer_log.remember, request, response_id, route, [msg.model_dump() for msg in req.messages])
     if not req.stream:
         try:
             raw = await up.read()
@@ -166,24 +171,32 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
             slot.release()
         m.GENERATE_LATENCY.labels(**labels, stream="no").observe(time.perf_counter() - started)
         payload = json.loads(raw)
+        payload["id"] = response_id
         _record_usage(route, payload.get("usage"))
-        answers = "\n".join(str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or [])
-        payload["citations"] = cited_sources(retrieved, answers)
+        said = [str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or []]
+        payload["citations"] = cited_sources(retrieved, "\n".join(said))
         payload["retrieved"] = retrieved
         payload["tandem"] = info
+        remember(retrieved, said[0] if said else "", payload["citations"])
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
-        release_after(_stream(up, retrieved, info, wants_usage, started), slot),
+        release_after(_stream(up, retrieved, info, wants_usage, started, response_id, remember), slot),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _stream(
-    up: Upstream, retrieved: list[dict[str, Any]], info: dict[str, Any], wants_usage: bool, started: float
+    up: Upstream,
+    retrieved: list[dict[str, Any]],
+    info: dict[str, Any],
+    wants_usage: bool,
+    started: float,
+    response_id: str,
+    remember: Callable[[list[dict[str, Any]], str, list[dict[str, Any]]], None],
 ) -> AsyncIterator[str]:
-    """vLLM's chunks as they come, then the citations event (the sources the answer cited, and every one
-    retrieved), then [DONE]."""
+    """vLLM's chunks as they come (with the gateway's response id), then the citations event (the sources the
+    answer cited, and every one retrieved), then [DONE]. A stream that completes is handed to ``remember``."""
     route = up.route
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     first = True
@@ -197,6 +210,8 @@ async def _stream(
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
+            chunk["id"] = response_id
+            data = json.dumps(chunk)
             last = chunk
             for choice in chunk.get("choices") or []:
                 delta = str((choice.get("delta") or {}).get("content") or "")
@@ -210,7 +225,7 @@ async def _stream(
                 first = False
             yield f"data: {data}\n\n"
         final = {
-            "id": last.get("id", ""),
+            "id": response_id,
             "object": "tandem.citations",
             "created": last.get("created", int(time.time())),
             "model": last.get("model", route.served_model),
@@ -219,6 +234,7 @@ async def _stream(
             "retrieved": retrieved,
             "tandem": info,
         }
+        remember(retrieved, "".join(said.get(0, [])), final["citations"])  # queued before the client can reply
         yield f"data: {json.dumps(final)}\n\n"
     except (httpx.HTTPError, ValueError) as exc:
         m.UPSTREAM_ERRORS.labels(replica=up.replica.url, kind="stream").inc()
