@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) system
 
 # System packages: Prometheus (with promtool) and Chromium for the browser test. Installed when we are root.
+# Then kubectl (for `kubectl kustomize`) into the venv, where none with a modern kustomize is on PATH.
 system:
 	@bash infra/scripts/install-system-deps.sh
+	@PYTHON=$(PYTHON) bash infra/scripts/install-kubectl.sh $(BIN)
 
 models: $(STAMP)
 	$(BIN)/tandem models pull

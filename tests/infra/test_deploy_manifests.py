@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -62,12 +65,14 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(kustomization["resources"]) == expected
 
 
-def test_vllm_replicas_share_the_adapter_volume_and_the_gateway_lists_them_all() -> None:
+def test_vllm_replicas_share_the_adapter_volume_and_the_gateway_finds_them_by_dns() -> None:
     docs = _all_docs()
     vllm = docs[("StatefulSet", "vllm")]
-    replicas = vllm["spec"]["replicas"]
-    assert replicas >= 2
-    assert docs[("Service", "vllm")]["spec"]["clusterIP"] == "None"  # headless: vllm-0.vllm, vllm-1.vllm, ...
+    assert vllm["spec"]["replicas"] >= 2
+    service = docs[("Service", "vllm")]["spec"]
+    assert vllm["spec"]["serviceName"] == "vllm"
+    # Headless, ready replicas only: each address of the name is one replica that has loaded its model.
+    assert service["clusterIP"] == "None" and not service.get("publishNotReadyAddresses")
     pod = vllm["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in container["env"]
@@ -77,8 +82,15 @@ def test_vllm_replicas_share_the_adapter_volume_and_the_gateway_lists_them_all()
     assert claim["state"] == "tandem-state"
     assert docs[("PersistentVolumeClaim", "tandem-state")]["spec"]["accessModes"] == ["ReadWriteMany"]
 
-    urls = docs[("ConfigMap", "tandem-config")]["data"]["TANDEM_VLLM_URLS"].split(",")
-    assert urls == [f"http://vllm-{i}.vllm:8000" for i in range(replicas)]
+    # No URL list to keep in step with `replicas`: the gateway resolves the headless Service's name.
+    port = service["ports"][0]["port"]
+    config = docs[("ConfigMap", "tandem-config")]["data"]
+    assert config["TANDEM_VLLM_URLS"] == f"dns+http://vllm:{port}"
+    assert "vllm-" not in " ".join(config.values())
+    # Airflow's training gate talks to one stable replica: vllm-0 exists while any replica does.
+    values = yaml.safe_load((K8S / "airflow-values.yaml").read_text())
+    urls = next(e["value"] for e in values["env"] if e["name"] == "TANDEM_VLLM_URLS")
+    assert urls == f"http://vllm-0.vllm:{port}"
 
     gateway = docs[("Deployment", "gateway")]["spec"]["template"]
     mounts = gateway["spec"]["containers"][0]["volumeMounts"]
@@ -509,13 +521,323 @@ def test_compose_gives_vllm_its_key_and_the_gateway_only_its_own_role(tmp_path: 
     assert {"TANDEM_API_KEYS", "TANDEM_ADMIN_API_KEYS", "TANDEM_VLLM_API_KEY", "POSTGRES_GATEWAY_PASSWORD"} <= required
 
 
-def test_kustomize_builds_the_namespace_with_its_network_policies() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not installed; the manifests are parsed above")
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=False)
+# --- Kubernetes as users run it: probes, drain, disruption budgets, autoscaling, kustomize (issue 16) ----------
+
+COMPONENTS = sorted(p.parent for p in K8S.glob("components/*/kustomization.yaml"))
+
+
+def _container(docs: dict, kind: str, name: str) -> dict:
+    return docs[(kind, name)]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _config() -> dict[str, str]:
+    return _all_docs()[("ConfigMap", "tandem-config")]["data"]
+
+
+def _stream_timeout_s() -> int:
+    """TANDEM_UPSTREAM_TIMEOUT_S as the manifests set it: the longest the gateway waits on vLLM for one answer."""
+    from components.settings import Settings
+
+    raw = _config()["TANDEM_UPSTREAM_TIMEOUT_S"]
+    assert Settings(upstream_timeout_s=raw).upstream_timeout_s == int(raw)  # the gateway reads the same value
+    return int(raw)
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """The kubelet's $(VAR) expansion of command and args."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def _prestop_sleep_s(container: dict) -> int:
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
+def test_gateway_is_ready_when_champions_are_loaded_and_live_while_it_serves() -> None:
+    docs = _all_docs()
+    gateway = _container(docs, "Deployment", "gateway")
+    ports = {p["name"] for p in gateway["ports"]}
+    ready, live = gateway["readinessProbe"]["httpGet"], gateway["livenessProbe"]["httpGet"]
+    assert (ready["path"], live["path"]) == ("/ready", "/health")
+    assert {ready["port"], live["port"]} <= ports
+    from serving.routers.system import router
+
+    assert {"/ready", "/health"} <= {getattr(r, "path", None) for r in router.routes}  # the gateway's own routes
+    # A liveness failure restarts the pod: it must be slower to fire than readiness, which only takes it out.
+    probe = gateway["livenessProbe"]
+    assert (
+        probe["periodSeconds"] * probe["failureThreshold"]
+        > gateway["readinessProbe"]["periodSeconds"] * (gateway["readinessProbe"]["failureThreshold"])
+    )
+
+
+def test_vllm_probes_wait_for_the_model_to_load() -> None:
+    from components.settings import Settings
+
+    docs = _all_docs()
+    vllm = _container(docs, "StatefulSet", "vllm")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert vllm[kind]["httpGet"] == {"path": "/health", "port": "http"}, kind
+    startup = vllm["startupProbe"]
+    # At least as long as `tandem up` waits for a local vLLM (the CPU build, a tiny model); on a GPU with a
+    # larger model the budget is what the comment says: 10 minutes.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= max(600, Settings().startup_timeout_s)
+    assert vllm["livenessProbe"]["timeoutSeconds"] >= 5  # a busy engine answers /health slowly
+
+
+def test_grace_periods_outlast_the_longest_stream() -> None:
+    """preStop sleep, then the drain (uvicorn's graceful shutdown, vLLM's --shutdown-timeout), both as long as
+    TANDEM_UPSTREAM_TIMEOUT_S; terminationGracePeriodSeconds covers the two with room to exit."""
+    from components.settings import Settings
+
+    docs = _all_docs()
+    config, timeout = _config(), _stream_timeout_s()
+    for kind, name in (("Deployment", "gateway"), ("StatefulSet", "vllm")):
+        spec = docs[(kind, name)]["spec"]["template"]["spec"]
+        sleep = _prestop_sleep_s(spec["containers"][0])
+        assert spec["terminationGracePeriodSeconds"] > sleep + timeout, name
+
+    gateway = _container(docs, "Deployment", "gateway")
+    assert {"configMapRef": {"name": "tandem-config"}} in gateway["envFrom"]
+    from uvicorn.main import main as uvicorn_cli
+
+    command = _expand(gateway["command"], config)
+    assert command[0] == "uvicorn"
+    params = uvicorn_cli.make_context("uvicorn", command[1:]).params  # uvicorn's own parser, nothing run
+    assert params["timeout_graceful_shutdown"] == timeout and params["factory"] is True
+
+    vllm = _container(docs, "StatefulSet", "vllm")
+    env = {e["name"]: e for e in vllm["env"]}
+    ref = env["DRAIN_TIMEOUT_S"]["valueFrom"]["configMapKeyRef"]
+    assert ref == {"name": "tandem-config", "key": "TANDEM_UPSTREAM_TIMEOUT_S"}
+    assert f"--shutdown-timeout={timeout}" in _expand(vllm["args"], {"DRAIN_TIMEOUT_S": config[ref["key"]]})
+    # A terminating replica leaves DNS at once; every gateway must have re-resolved before vLLM refuses requests.
+    coredns_ttl_s = 5
+    interval = float(config.get("TANDEM_DISCOVERY_INTERVAL_S", Settings().discovery_interval_s))
+    assert _prestop_sleep_s(vllm) > coredns_ttl_s + interval
+
+
+def test_vllm_accepts_every_argument_the_statefulset_passes() -> None:
+    """The installed vLLM's own argument parser (the image's tag is the same release) reads the manifest's args,
+    so a renamed or mistyped flag such as --shutdown-timeout fails here, not in the cluster. A subprocess: the
+    import takes ~0.7 GB."""
+    vllm = _container(_all_docs(), "StatefulSet", "vllm")
+    args = _expand(vllm["args"], {"DRAIN_TIMEOUT_S": str(_stream_timeout_s())})
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    script = (
+        "import json, sys\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "ns = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
+        "print(json.dumps({'shutdown_timeout': ns.shutdown_timeout, 'enable_lora': ns.enable_lora}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert parsed == {"shutdown_timeout": _stream_timeout_s(), "enable_lora": True}
+
+
+def test_disruption_budgets_select_exactly_their_workloads_pods() -> None:
+    docs = _all_docs()
+    pods = _pods()
+    budgets = {name: d for (kind, name), d in docs.items() if kind == "PodDisruptionBudget"}
+    assert set(budgets) == {"gateway", "vllm"}
+    for name, budget in budgets.items():
+        selector = budget["spec"]["selector"]
+        matched = {w for w, pod in pods.items() if _selects(selector, pod["metadata"]["labels"])}
+        assert matched == {name}, (name, matched)
+        assert budget["spec"]["maxUnavailable"] == 1
+    # One may be out while another serves: the floors below keep at least two of each.
+    assert docs[("HorizontalPodAutoscaler", "gateway")]["spec"]["minReplicas"] >= 2
+    assert docs[("StatefulSet", "vllm")]["spec"]["replicas"] >= 2
+
+
+def test_gateway_autoscales_on_cpu() -> None:
+    docs = _all_docs()
+    hpa = docs[("HorizontalPodAutoscaler", "gateway")]["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert (target["kind"], target["name"]) in docs
+    assert "replicas" not in docs[(target["kind"], target["name"])]["spec"]  # an apply must not reset the HPA
+    assert hpa["minReplicas"] <= hpa["maxReplicas"]
+    [metric] = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    # Utilization is a share of the request: without one the HPA has nothing to divide by.
+    assert _container(docs, "Deployment", "gateway")["resources"]["requests"]["cpu"]
+
+
+# --- kustomize: the base, and the base with each component switched on as its kustomization.yaml says -------
+
+
+def _kubectl() -> str:
+    """A kubectl whose built-in kustomize is v4 or later (components): the venv's (make system) or PATH's."""
+    for path in (str(VENV_BIN / "kubectl"), shutil.which("kubectl")):
+        if path and Path(path).is_file():
+            version = subprocess.run([path, "version", "--client"], capture_output=True, text=True, check=False)
+            if re.search(r"^Kustomize Version: v([4-9]|\d\d+)\.", version.stdout, re.MULTILINE):
+                return path
+    if platform.machine() != "x86_64":
+        pytest.skip(
+            "no kubectl with kustomize v4+, and infra/scripts/install-kubectl.sh installs one on x86_64 only: "
+            "install kubectl 1.21 or later"
+        )
+    pytest.fail("no kubectl with kustomize v4+: run `make system` (infra/scripts/install-kubectl.sh)")
+
+
+def _build(root: Path) -> list[dict]:
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(root)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
-    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _with_component(tmp_path: Path, component: Path) -> Path:
+    """A copy of infra/k8s with ``component`` switched on, as the comment in kustomization.yaml tells users."""
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S, root)
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    kustomization["components"] = [str(component.relative_to(K8S))]
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return root
+
+
+def _validate_built(tmp_path: Path, built: list[dict]) -> None:
+    """kubernetes-validate --strict on what kustomize made; only KEDA's custom resource has no schema here."""
+    path = tmp_path / "built.yaml"
+    path.write_text(yaml.safe_dump_all(built))
+    result = subprocess.run(
+        [_validator(), "--strict", str(path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    custom = [d for d in built if d["apiVersion"].startswith("keda.sh/")]
+    assert result.stdout.count(" passed for resource ") == len(built) - len(custom)
+    assert result.stdout.count("Couldn't find schema") == len(custom)
+
+
+def test_kustomize_builds_the_base_with_every_manifest_and_its_network_policies(tmp_path: Path) -> None:
+    built = _build(K8S)
+    expected = {
+        (d["kind"], d["metadata"]["name"]) for p in MANIFESTS if p.name != "secret.example.yaml" for d in _docs(p)
+    }
+    assert {(d["kind"], d["metadata"]["name"]) for d in built} == expected
     policies = {d["metadata"]["name"] for d in built if d["kind"] == "NetworkPolicy"}
     assert {p["metadata"]["name"] for p in _policies()} == policies
     assert all(d["metadata"].get("namespace") == "tandem" for d in built if d["kind"] != "Namespace")
+    _validate_built(tmp_path, built)
+
+
+@pytest.mark.parametrize("component", COMPONENTS, ids=lambda p: p.name)
+def test_kustomize_builds_the_base_with_each_component(tmp_path: Path, component: Path) -> None:
+    assert yaml.safe_load((component / "kustomization.yaml").read_text())["kind"] == "Component"
+    commented = (K8S / "kustomization.yaml").read_text()
+    assert f"#   - {component.relative_to(K8S)}" in commented  # users are told the exact line
+    built = _build(_with_component(tmp_path, component))
+    base = {(d["kind"], d["metadata"]["name"]) for d in _build(K8S)}
+    assert base <= {(d["kind"], d["metadata"]["name"]) for d in built}
+    assert all(d["metadata"].get("namespace") == "tandem" for d in built if d["kind"] != "Namespace")
+    _validate_built(tmp_path, built)
+
+
+def _keda_build(tmp_path: Path) -> dict[tuple[str, str], dict]:
+    built = _build(_with_component(tmp_path, K8S / "components" / "keda"))
+    return {(d["kind"], d["metadata"]["name"]): d for d in built}
+
+
+def test_keda_scales_the_vllm_statefulset_on_its_queue(tmp_path: Path, promtool: str) -> None:
+    """The ScaledObject targets the StatefulSet the build has (now without a fixed count), asks the Prometheus
+    Service of the namespace, and its query, run by promtool on made-up series, sums the waiting requests of
+    Tandem's vLLM replicas and nothing else."""
+    docs = _keda_build(tmp_path)
+    scaled = docs[("ScaledObject", "vllm")]["spec"]
+    target = scaled["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", "vllm") and ("StatefulSet", "vllm") in docs
+    assert "replicas" not in docs[("StatefulSet", "vllm")]["spec"]
+    assert 2 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    assert scaled["fallback"]["behavior"] == "currentReplicasIfHigher"  # Prometheus down: never scale in blind
+    [trigger] = scaled["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert float(meta["threshold"]) > 0
+
+    server = urlsplit(meta["serverAddress"])
+    service = docs[("Service", "prometheus")]
+    host = server.hostname or ""
+    assert host.split(".")[:3] == ["prometheus", service["metadata"]["namespace"], "svc"]
+    assert server.port in {p["port"] for p in service["spec"]["ports"]}
+
+    # The query on series labelled as Prometheus's pod discovery labels them (infra/prometheus/prometheus-k8s.yml).
+    query = meta["query"]
+    assert "vllm:num_requests_waiting" in query
+    (tmp_path / "rules.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "keda", "rules": [{"record": "keda:vllm_queue", "expr": query}]}]})
+    )
+    job = docs[("StatefulSet", "vllm")]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/job"]
+    series = [
+        (f'vllm:num_requests_waiting{{namespace="tandem",job="{job}",pod="vllm-0",model_name="m"}}', "3 3 3"),
+        (f'vllm:num_requests_waiting{{namespace="tandem",job="{job}",pod="vllm-1",model_name="m"}}', "5 5 5"),
+        ('vllm:num_requests_waiting{namespace="elsewhere",job="vllm",pod="vllm-0",model_name="m"}', "50 50 50"),
+        ('vllm:num_requests_waiting{namespace="tandem",job="other",pod="x",model_name="m"}', "70 70 70"),
+    ]
+    (tmp_path / "test.yml").write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": ["rules.yml"],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [{"series": s, "values": v} for s, v in series],
+                        "promql_expr_test": [
+                            {"expr": query, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": 8}]}
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tmp_path / "test.yml")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _admits(policy: dict, namespace: str, labels: dict[str, str], port: int) -> bool:
+    """Whether an ingress policy lets a pod with ``labels`` in ``namespace`` in on ``port`` (matchLabels only)."""
+    for rule in policy["spec"].get("ingress", []):
+        if not any(p.get("port") == port for p in rule.get("ports", [{"port": port}])):
+            continue
+        for peer in rule.get("from", []):
+            ns_selector, pod_selector = peer.get("namespaceSelector"), peer.get("podSelector", {})
+            ns_ok = (
+                _selects(ns_selector, {"kubernetes.io/metadata.name": namespace})
+                if ns_selector
+                else (namespace == "tandem")
+            )
+            if ns_ok and _selects(pod_selector, labels):
+                return True
+    return False
+
+
+def test_keda_reaches_prometheus_and_nothing_else_opens(tmp_path: Path) -> None:
+    docs = _keda_build(tmp_path)
+    added = [
+        d
+        for (kind, name), d in docs.items()
+        if kind == "NetworkPolicy" and name not in {p["metadata"]["name"] for p in _policies()}
+    ]
+    assert [p["metadata"]["name"] for p in added] == ["prometheus-keda"]
+    [policy] = added
+    prometheus = _pods()["prometheus"]["metadata"]["labels"]
+    assert _selects(policy["spec"]["podSelector"], prometheus) and policy["spec"]["policyTypes"] == ["Ingress"]
+    operator = {"app.kubernetes.io/name": "keda-operator"}
+    assert _admits(policy, "keda", operator, 9090)
+    assert not _admits(policy, "keda", {"app.kubernetes.io/name": "keda-admission-webhooks"}, 9090)
+    assert not _admits(policy, "elsewhere", operator, 9090)
+    assert not _admits(policy, "keda", operator, 9091)
+    # Prometheus still scrapes the replicas KEDA adds (the base policies admit it by label on vLLM's port).
+    vllm = _pods()["vllm"]["metadata"]["labels"]
+    assert _reach(prometheus, vllm, 8000)
