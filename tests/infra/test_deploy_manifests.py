@@ -87,10 +87,18 @@ def test_vllm_replicas_share_the_adapter_volume_and_the_gateway_finds_them_by_dn
     config = docs[("ConfigMap", "tandem-config")]["data"]
     assert config["TANDEM_VLLM_URLS"] == f"dns+http://vllm:{port}"
     assert "vllm-" not in " ".join(config.values())
+    from serving.discovery import parse_entry  # what the gateway makes of it
+
+    entry = parse_entry(config["TANDEM_VLLM_URLS"])
+    assert (entry.dns, entry.host, entry.port) == (True, "vllm", port)
+    # Nowhere in the tree a list of replicas by name (vllm-0.vllm, vllm-1.vllm, ...) to keep in step.
+    for path in K8S.rglob("*.yaml"):
+        named = set(re.findall(r"vllm-\d+\.vllm", path.read_text()))
+        assert named <= {"vllm-0.vllm"}, (path, named)
     # Airflow's training gate talks to one stable replica: vllm-0 exists while any replica does.
     values = yaml.safe_load((K8S / "airflow-values.yaml").read_text())
     urls = next(e["value"] for e in values["env"] if e["name"] == "TANDEM_VLLM_URLS")
-    assert urls == f"http://vllm-0.vllm:{port}"
+    assert urls == f"http://vllm-0.vllm:{port}" and not parse_entry(urls).dns
 
     gateway = docs[("Deployment", "gateway")]["spec"]["template"]
     mounts = gateway["spec"]["containers"][0]["volumeMounts"]
