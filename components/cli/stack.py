@@ -58,6 +58,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             key = client_secret(settings)
             playground = f"{settings.gateway_url}/" + (f"#key={key}" if key else "")
             print(f"\nPlayground: {playground}\nOpenAI base_url: {settings.gateway_url}/v1")
+            gateways = [i.url for i in items if i.name.startswith("gateway") and i.state == "up"]
+            if len(gateways) > 1:  # no balancer of ours: clients pick one (or put haproxy/nginx in front)
+                print("Gateways: " + "  ".join(gateways))
             print(f"Keys: {key_file(settings)} (client and admin keys as name:secret; `tandem` commands use them)")
             print(f"Dashboards: {settings.gateway_url}/dashboards" + (f"#key={key}" if key else ""))
         airflow = next((i for i in items if i.name == "airflow" and i.state == "up"), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 from components.errors import ServiceError
 from components.settings import Settings
 from components.stack import process
-from components.stack.services import SERVICE_NAMES, SERVICES, Service, by_name, is_up, pid_of
+from components.stack.services import SERVICE_NAMES, SERVICES, Instance, Service, instances, is_up, pid_of
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,13 @@ def status(settings: Settings, names: Iterable[str] | None = None) -> list[Compo
         if svc.name not in wanted:
             continue
         missing = svc.missing(settings)
-        if missing and (svc.managed(settings) or svc.name == "postgres"):
-            out.append(
-                ComponentStatus(svc.name, "not installed", svc.url(settings), None, svc.managed(settings), missing)
-            )
-            continue
-        state = "up" if is_up(svc, settings) else "down"
-        out.append(ComponentStatus(svc.name, state, svc.url(settings), pid_of(svc, settings), svc.managed(settings)))
+        for inst in instances(svc, settings):
+            s = inst.settings
+            if missing and (svc.managed(settings) or svc.name == "postgres"):
+                out.append(ComponentStatus(inst.name, "not installed", svc.url(s), None, svc.managed(s), missing))
+                continue
+            state = "up" if is_up(svc, s) else "down"
+            out.append(ComponentStatus(inst.name, state, svc.url(s), pid_of(inst.name, s), svc.managed(s)))
     return out
 
 
@@ -57,19 +58,21 @@ def _start_postgres(settings: Settings) -> None:
         log.info("applied migrations: %s", ", ".join(applied))
 
 
-def _start_one(svc: Service, settings: Settings) -> None:
-    if svc.name == "postgres":
-        _start_postgres(settings)
-        return
+def _launch(inst: Instance) -> process.ProcessRecord:
+    svc, settings = inst.service, inst.settings
     assert svc.command is not None
     port = svc.port(settings)
     if port and process.port_in_use(settings.host, port):
         raise ServiceError(
-            f"port {port} on {settings.host} is already in use, so {svc.name} cannot start: stop what uses it "
+            f"port {port} on {settings.host} is already in use, so {inst.name} cannot start: stop what uses it "
             f"or set TANDEM_{svc.name.upper().replace('-', '_')}_PORT"
         )
-    record = process.start(svc.name, svc.command(settings), settings.run_dir, env=svc.env(settings))
-    process.wait_until(svc.name, lambda: is_up(svc, settings), record, svc.startup_timeout(settings))
+    return process.start(inst.name, svc.command(settings), settings.run_dir, env=svc.env(settings))
+
+
+def _wait(inst: Instance, record: process.ProcessRecord) -> None:
+    svc, settings = inst.service, inst.settings
+    process.wait_until(inst.name, lambda: is_up(svc, settings), record, svc.startup_timeout(settings))
 
 
 def _ensure_keys(settings: Settings, on_event: Callable[[str, str], None]) -> None:
@@ -107,42 +110,63 @@ def up(
             if missing:
                 on_event(svc.name, f"not installed: {missing}")
                 continue
-            if not svc.managed(settings):
-                if svc.name == "postgres":
-                    _start_postgres(settings)  # external database: still migrate it
-                state = "up" if is_up(svc, settings) else "down"
-                on_event(svc.name, f"external, {state}: {svc.url(settings)}")
-                if state == "down":
+            if svc.name == "postgres":  # the embedded server, or an external database: migrated either way
+                was_up = is_up(svc, settings)
+                if not svc.managed(settings) and not was_up:
                     raise ServiceError(f"{svc.name} at {svc.url(settings)} is not reachable")
+                if svc.managed(settings) and not was_up:
+                    started.append(svc.name)
+                _start_postgres(settings)
+                on_event(svc.name, f"{'external' if not svc.managed(settings) else 'up'}: {svc.url(settings)}")
                 continue
-            if is_up(svc, settings):
-                on_event(svc.name, f"already up: {svc.url(settings)}")
-                continue
-            on_event(svc.name, "starting")
-            t0 = time.monotonic()
-            started.append(svc.name)
-            _start_one(svc, settings)
-            on_event(svc.name, f"up in {time.monotonic() - t0:.0f} s: {svc.url(settings)}")
+            # Replicas of one component start together and are waited for together (vLLM loads for ~40 s each).
+            launched: list[tuple[Instance, process.ProcessRecord, float]] = []
+            for inst in instances(svc, settings):
+                url = svc.url(inst.settings)
+                if not svc.managed(settings):
+                    state = "up" if is_up(svc, inst.settings) else "down"
+                    on_event(inst.name, f"external, {state}: {url}")
+                    if state == "down":
+                        raise ServiceError(f"{inst.name} at {url} is not reachable")
+                    continue
+                if is_up(svc, inst.settings):
+                    on_event(inst.name, f"already up: {url}")
+                    continue
+                on_event(inst.name, "starting")
+                started.append(inst.name)
+                launched.append((inst, _launch(inst), time.monotonic()))
+            for inst, record, t0 in launched:
+                _wait(inst, record)
+                on_event(inst.name, f"up in {time.monotonic() - t0:.0f} s: {svc.url(inst.settings)}")
     except BaseException:
         for name in reversed(started):
-            _stop_one(by_name(name), settings)
+            _stop(name, settings)
         raise
     return status(settings, wanted)
 
 
-def _stop_one(svc: Service, settings: Settings) -> bool:
-    if svc.name == "postgres":
+def _stop(name: str, settings: Settings) -> bool:
+    if name == "postgres":
         from components.db.postgres import stop_embedded
 
         return stop_embedded(settings)
-    return process.stop(settings.run_dir, svc.name)
+    return process.stop(settings.run_dir, name)
+
+
+def started_instances(svc: Service, settings: Settings) -> list[str]:
+    """Names of the instances of ``svc`` with a pid file: also replicas of a larger fleet than configured now."""
+    pattern = re.compile(rf"{re.escape(svc.name)}(-\d+)?")
+    found = [p.stem for p in settings.run_dir.glob(f"{svc.name}*.json") if pattern.fullmatch(p.stem)]
+    return sorted(found, key=lambda n: (len(n), n), reverse=True)
 
 
 def down(settings: Settings, only: Iterable[str] | None = None) -> list[str]:
-    """Stop what `tandem up` started (in reverse order); returns the names stopped."""
+    """Stop what `tandem up` started (in reverse order, every replica); returns the names stopped."""
     wanted = set(only) if only else set(SERVICE_NAMES)
     stopped = []
     for svc in reversed(SERVICES):
-        if svc.name in wanted and svc.managed(settings) and _stop_one(svc, settings):
-            stopped.append(svc.name)
+        if svc.name not in wanted or not svc.managed(settings):
+            continue
+        names = [svc.name] if svc.name == "postgres" else started_instances(svc, settings)
+        stopped += [name for name in names if _stop(name, settings)]
     return stopped

@@ -21,8 +21,9 @@ def scrape_targets(settings: Settings) -> dict[str, list[str]]:
         return url.split("://", 1)[-1].rstrip("/")
 
     return {
-        "tandem-gateway": [f"{settings.host}:{settings.gateway_port}"],
-        "vllm": [hostport(u) for u in settings.vllm_endpoints],
+        "tandem-gateway": [f"{settings.host}:{settings.gateway_port + i}" for i in range(settings.gateway_replicas)],
+        # dns+ entries are discovered by Prometheus itself (dns_sd_configs in write_config)
+        "vllm": [hostport(u) for u in settings.vllm_endpoints if not u.startswith("dns+")],
         "gpu-exporter": [f"{settings.host}:{settings.gpu_exporter_port}"],
         **_monitoring_targets(settings),
     }
@@ -43,6 +44,16 @@ def _monitoring_targets(settings: Settings) -> dict[str, list[str]]:
     return out
 
 
+def dns_sd_configs(settings: Settings) -> list[dict[str, object]]:
+    """Prometheus's own DNS discovery for each `dns+http://NAME:PORT` entry of TANDEM_VLLM_URLS (type A)."""
+    out: list[dict[str, object]] = []
+    for url in settings.vllm_endpoints:
+        if url.startswith("dns+"):
+            name, _, port = url.split("://", 1)[-1].rstrip("/").rpartition(":")
+            out.append({"names": [name], "type": "A", "port": int(port), "refresh_interval": "10s"})
+    return out
+
+
 def write_config(settings: Settings) -> Path:
     config = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
@@ -50,6 +61,7 @@ def write_config(settings: Settings) -> Path:
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": targets}]}
             | ({"metrics_path": METRICS_PATHS[job]} if job in METRICS_PATHS else {})
+            | ({"dns_sd_configs": dns_sd_configs(settings)} if job == "vllm" and dns_sd_configs(settings) else {})
             for job, targets in scrape_targets(settings).items()
         ],
         "alerting": {

@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from components.errors import ConfigError
 from components.keys import vllm_secret
 from components.settings import Settings
 from components.stack import alertmanager, process
@@ -183,6 +185,11 @@ def _http(settings: Settings, port: int) -> str:
     return f"http://{settings.host}:{port}"
 
 
+def gateway_env(settings: Settings) -> dict[str, str]:
+    """Each local gateway gets every vLLM replica (the local ones, or TANDEM_VLLM_URLS as configured)."""
+    return {"TANDEM_VLLM_URLS": ",".join(settings.vllm_endpoints), "TANDEM_GATEWAY_PORT": str(settings.gateway_port)}
+
+
 SERVICES: list[Service] = [
     Service(
         name="postgres",
@@ -205,6 +212,7 @@ SERVICES: list[Service] = [
     Service(
         name="gateway",
         url=lambda s: _http(s, s.gateway_port) + "/v1",
+        env=gateway_env,
         health_url=lambda s: _http(s, s.gateway_port) + "/health",
         port=lambda s: s.gateway_port,
         missing=_module_missing("serving.app", "the RAG gateway"),
@@ -291,6 +299,38 @@ def by_name(name: str) -> Service:
     raise KeyError(name)
 
 
+@dataclass(frozen=True)
+class Instance:
+    """One process of a component: ``vllm``, ``vllm-2``, ... each with the settings it sees (its own port)."""
+
+    name: str
+    service: Service
+    settings: Settings
+
+
+def instance_name(service: str, index: int) -> str:
+    """The first instance keeps the component's name (its pid file and log); the next are NAME-2, NAME-3, ..."""
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
+def instances(svc: Service, settings: Settings) -> list[Instance]:
+    """The processes of ``svc``: vllm_replicas local vLLM servers (or one row per external entry) and
+    gateway_replicas gateways, on consecutive ports from vllm_port and gateway_port; one of anything else."""
+    updates: list[dict[str, Any]]
+    if svc.name == "vllm" and svc.managed(settings):
+        updates = [{"vllm_port": settings.vllm_port + i, "vllm_replicas": 1} for i in range(settings.vllm_replicas)]
+    elif svc.name == "vllm":
+        updates = [{"vllm_urls": [url]} for url in settings.vllm_endpoints]
+    elif svc.name == "gateway":
+        updates = [{"gateway_port": settings.gateway_port + i} for i in range(settings.gateway_replicas)]
+    else:
+        updates = [{}]
+    return [
+        Instance(instance_name(svc.name, i), svc, settings.model_copy(update=u) if u else settings)
+        for i, u in enumerate(updates)
+    ]
+
+
 def is_up(svc: Service, settings: Settings) -> bool:
     if svc.name == "postgres":
         from components.db.postgres import embedded_running
@@ -298,7 +338,20 @@ def is_up(svc: Service, settings: Settings) -> bool:
         if settings.database_url:
             return _external_postgres_ok(settings)
         return embedded_running(settings)
+    if svc.name == "vllm" and settings.vllm_endpoints[0].startswith("dns+"):
+        return _discovered_vllm_up(settings)
     return http_ok(svc.health_url(settings))
+
+
+def _discovered_vllm_up(settings: Settings) -> bool:
+    """An external `dns+` entry is up when one of the addresses it resolves to answers /health."""
+    from serving.discovery import Discovery
+
+    try:
+        urls = Discovery(settings).resolve()
+    except ConfigError:
+        return False
+    return any(http_ok(url + "/health") for url in urls)
 
 
 def _external_postgres_ok(settings: Settings) -> bool:
@@ -312,6 +365,7 @@ def _external_postgres_ok(settings: Settings) -> bool:
         return False
 
 
-def pid_of(svc: Service, settings: Settings) -> int | None:
-    record = process.read_record(settings.run_dir, svc.name)
+def pid_of(svc: Service | str, settings: Settings) -> int | None:
+    """The pid of the process `tandem up` started for a component or one instance (by name), if alive."""
+    record = process.read_record(settings.run_dir, svc if isinstance(svc, str) else svc.name)
     return record.pid if process.is_alive(record) and record else None
