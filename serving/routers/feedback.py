@@ -2,9 +2,9 @@
 
 The answer is looked up by the response id the client received and the key it was answered to (another key's
 answer is unknown to this one). Every post is kept in ``answer_feedback``. A correction of an alias's answer is
-added to ``domain_examples`` as ``pending`` (user: the question, assistant: the correction), deduplicated per
-alias by the same content hash the intake uses (components/training/data.py), with what a reviewer needs in its
-``context``; a person approves it before it trains anything.
+added to ``domain_examples`` as ``pending`` (user: the question, assistant: the correction) by the intake's own
+``store`` (components/training/intake.py: the same validation, content hash and dedup per alias as `tandem data
+add`), with what a reviewer needs in its ``context``; a person approves it before it trains anything.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import APIRouter, Depends, Request
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from components.training.data import example_digest, parse_record
+from components.training import intake
+from components.training.data import parse_record
 from serving import metrics as m
 from serving.answer_log import AnswerLog, get_answer_log
 from serving.errors import ApiError
@@ -28,7 +28,7 @@ from serving.security import require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["feedback"])
 AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]
-EXAMPLE_ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # domain_examples.alias (migration 0011)
+EXAMPLE_ALIAS = re.compile(intake.ALIAS_PATTERN)  # domain_examples.alias (migration 0011)
 FLUSH_WAIT_S = 2.0
 
 
@@ -72,35 +72,24 @@ def _context(answer: dict[str, Any], correction: str, rating: str) -> dict[str, 
 def _add_example(
     conn: psycopg.Connection, answer: dict[str, Any], correction: str, rating: str, by: str
 ) -> dict[str, Any]:
-    """The correction as a pending example of the answer's alias: {"id", "status", "duplicate"}."""
+    """The correction as a pending example of the answer's alias, stored as the intake stores any example
+    (same validation, content hash and dedup): {"id", "status", "duplicate"}."""
+    origin = f"feedback:{answer['response_id']}"
     record = {
         "messages": [{"role": "user", "content": answer["question"]}, {"role": "assistant", "content": correction}]
     }
     try:
-        turns = parse_record(record)
+        line = intake.Line(origin, parse_record(record), source=None, plain=False)
     except ValueError as exc:
         raise ApiError(400, f"correction: {exc}", param="correction", code="invalid_value") from None
-    digest = example_digest(turns)
-    example = {"messages": [{"role": role, "content": content} for role, content in turns]}
-    alias = answer["alias"]
+    context = _context(answer, correction, rating)
+    added, _ = intake.store(conn, answer["alias"], [line], origin, submitted_by=by, context=context)
+    if added:
+        return {"id": added[0], "status": "pending", "duplicate": False}
     row = conn.execute(
-        "INSERT INTO domain_examples (alias, content_hash, example, origin, status, submitted_by, context)"
-        " VALUES (%s, %s, %s, %s, 'pending', %s, %s) ON CONFLICT (alias, content_hash) DO NOTHING RETURNING id, status",
-        (
-            alias,
-            digest,
-            Jsonb(example),
-            f"feedback:{answer['response_id']}",
-            by,
-            Jsonb(_context(answer, correction, rating)),
-        ),
+        "SELECT id, status FROM domain_examples WHERE alias = %s AND content_hash = %s", (answer["alias"], line.digest)
     ).fetchone()
-    if row is not None:
-        return {"id": row[0], "status": row[1], "duplicate": False}
-    row = conn.execute(
-        "SELECT id, status FROM domain_examples WHERE alias = %s AND content_hash = %s", (alias, digest)
-    ).fetchone()
-    assert row is not None  # the conflict that skipped the insert is this row
+    assert row is not None  # store() skipped it because this row holds the same example
     return {"id": row[0], "status": row[1], "duplicate": True}
 
 
@@ -109,18 +98,23 @@ def _store(
 ) -> dict[str, Any]:
     example = None
     note = None
-    if correction is not None:
-        if answer["alias"] is None or not EXAMPLE_ALIAS.match(answer["alias"]):
-            note = "the base model answered (no alias): the correction is kept with the feedback, not as an example"
-        elif not answer["question"]:
-            note = "the answer had no user question: the correction is kept with the feedback, not as an example"
-        else:
-            example = _add_example(conn, answer, correction, rating, by)
-    row = conn.execute(
-        "INSERT INTO answer_feedback (response_id, rating, correction, key_name, example_id)"
-        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (answer["response_id"], rating, correction, by, example["id"] if example else None),
-    ).fetchone()
+    with conn.transaction():  # the example and the feedback row together, or neither
+        if correction is not None:
+            if answer["alias"] is None:
+                note = "the base model answered (no alias): the correction is kept with the feedback, not as an example"
+            elif not EXAMPLE_ALIAS.match(answer["alias"]):
+                note = (
+                    f"alias {answer['alias']!r} cannot hold domain examples: the correction is kept with the feedback"
+                )
+            elif not answer["question"]:
+                note = "the answer had no user question: the correction is kept with the feedback, not as an example"
+            else:
+                example = _add_example(conn, answer, correction, rating, by)
+        row = conn.execute(
+            "INSERT INTO answer_feedback (response_id, rating, correction, key_name, example_id)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (answer["response_id"], rating, correction, by, example["id"] if example else None),
+        ).fetchone()
     assert row is not None
     return {"id": row[0], "example": example, "note": note}
 

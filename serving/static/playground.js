@@ -1,8 +1,10 @@
-// Tandem playground: ask the gateway (POST /v1/chat/completions) and show the answer with its citations.
+// Tandem playground: ask the gateway (POST /v1/chat/completions) and show the answer with its citations;
+// rate the answer or suggest a correction (POST /v1/feedback, with the same key).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const keyStore = "tandem-api-key";
+let responseId = null; // the id of the answer on show: what feedback names
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -117,6 +119,7 @@ async function ask(event) {
       return;
     }
     const data = await resp.json();
+    resetFeedback(data.id);
     // "retrieved": every source the model was given; "citations": the ones its answer cites.
     const sources = data.retrieved || data.citations || [];
     renderAnswer(data.choices[0].message.content || "", sources.length);
@@ -137,6 +140,57 @@ async function ask(event) {
   }
 }
 
+function setFeedbackStatus(text, isError) {
+  $("feedback-status").textContent = text;
+  $("feedback-status").className = isError ? "error" : "";
+}
+
+function resetFeedback(id) {
+  responseId = id || null;
+  for (const b of ["rate-up", "rate-down"]) $(b).setAttribute("aria-pressed", "false");
+  for (const b of ["rate-up", "rate-down", "suggest"]) $(b).disabled = !responseId;
+  $("correction-form").hidden = true;
+  $("correction").value = "";
+  setFeedbackStatus("");
+}
+
+async function sendFeedback(rating, correction) {
+  if (!responseId) return false;
+  const body = { response_id: responseId, rating };
+  if (correction) body.correction = correction;
+  try {
+    const resp = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    if (!resp.ok) {
+      setFeedbackStatus(`Feedback not recorded (${resp.status}): ${await errorText(resp)}`, true);
+      return false;
+    }
+    const data = await resp.json();
+    $("rate-up").setAttribute("aria-pressed", String(rating === "up"));
+    $("rate-down").setAttribute("aria-pressed", String(rating === "down"));
+    if (!correction) setFeedbackStatus("Thanks, your rating is recorded.");
+    else if (data.example) setFeedbackStatus(
+      data.example.duplicate ? `This correction is already in review (${data.example.status}).`
+        : "Thanks, your correction waits for a reviewer.");
+    else setFeedbackStatus(data.note || "Thanks, your correction is recorded.");
+    return true;
+  } catch (err) {
+    setFeedbackStatus("The gateway could not be reached: " + err, true);
+    return false;
+  }
+}
+
+async function sendCorrection(event) {
+  event.preventDefault();
+  const text = $("correction").value.trim();
+  if (!text) return;
+  $("send-correction").disabled = true;
+  try {
+    if (await sendFeedback("down", text)) $("correction-form").hidden = true;
+  } finally {
+    $("send-correction").disabled = false;
+  }
+}
+
 // A key handed over in the URL fragment (`tandem up` prints http://HOST:PORT/#key=...): the browser never sends
 // the fragment to the server. Keep it in localStorage and take it out of the address bar and history.
 function keyFromFragment() {
@@ -154,6 +208,13 @@ $("api-key").addEventListener("change", () => {
   loadModels();
 });
 $("ask").addEventListener("submit", ask);
+$("rate-up").addEventListener("click", () => sendFeedback("up"));
+$("rate-down").addEventListener("click", () => sendFeedback("down"));
+$("suggest").addEventListener("click", () => {
+  $("correction-form").hidden = false;
+  $("correction").focus();
+});
+$("correction-form").addEventListener("submit", sendCorrection);
 $("question").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask").requestSubmit();
 });

@@ -108,7 +108,7 @@ def test_correction_becomes_a_pending_example_once(gateway: Gateway) -> None:
         example["id"],
     )
     assert (alias, origin, status, by) == (ALIAS, f"feedback:{completion.id}", "pending", gateway.api_key_name)
-    assert stored == {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": correction}]}
+    assert stored["messages"] == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": correction}]
     assert content_hash == example_digest(parse_record(stored))  # what the intake computes for the same example
     assert set(context) == CONTEXT_KEYS
     assert context["question"] == QUESTION and context["correction"] == correction
@@ -283,3 +283,50 @@ def test_recorder_drops_and_counts_when_postgres_is_unreachable(pg_url: str) -> 
         await asyncio.to_thread(db.close)
 
     asyncio.run(scenario())
+
+
+# ---- the playground: thumbs and "suggest a correction", in headless Chromium ---------------------------------
+
+
+def test_playground_rates_and_corrects_an_answer(gateway: Gateway) -> None:
+    import shutil
+    import tempfile
+
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed: run `make system`")
+    correction = f"Corran Lock opens two hours either side of high water. ({secrets.token_hex(4)})"
+    with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        context.set_default_timeout(60_000)
+        try:
+            page = context.new_page()
+            page.goto(f"{gateway.url}/#key={gateway.api_key}")  # the key as `tandem up` hands it over
+            expect(page.locator(f"#model option[value='{ALIAS}']")).to_have_count(1)
+            page.select_option("#model", ALIAS)
+            page.fill("#question", QUESTION)
+            page.fill("#max-tokens", "8")
+            page.click("#send")
+            expect(page.locator("#result")).to_be_visible()
+            page.click("#rate-up")
+            expect(page.locator("#feedback-status")).to_have_text("Thanks, your rating is recorded.")
+            expect(page.locator("#rate-up")).to_have_attribute("aria-pressed", "true")
+            page.click("#suggest")
+            page.fill("#correction", correction)
+            page.click("#send-correction")
+            expect(page.locator("#feedback-status")).to_have_text("Thanks, your correction waits for a reviewer.")
+        finally:
+            context.close()
+    response_id, rating, by = _row(
+        "SELECT response_id, rating, key_name FROM answer_feedback WHERE correction = %s", correction
+    )
+    assert (rating, by) == ("down", gateway.api_key_name)
+    assert _row("SELECT count(*) FROM answer_feedback WHERE response_id = %s AND rating = 'up'", response_id) == (1,)
+    assert _row("SELECT status, submitted_by FROM domain_examples WHERE origin = %s", f"feedback:{response_id}") == (
+        "pending",
+        gateway.api_key_name,
+    )
