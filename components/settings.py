@@ -216,6 +216,10 @@ class Settings(BaseSettings):
     eval_max_tokens: int = 48
     eval_concurrency: int = 2
     eval_request_timeout_s: float = 180.0
+    # Staleness after documents change (components/evaluation/staleness.py, DAG check_staleness): questions asked
+    # per check about the champion's changed documents, and whether a stale champion is rolled back on its own
+    staleness_max_questions: int = Field(default=20, ge=1)
+    auto_rollback: bool = False
 
     # Training (components/training/): LoRA hyperparameters, when to retrain, the evaluation gate, artifacts
     lora_r: int = 16

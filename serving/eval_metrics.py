@@ -17,6 +17,8 @@ such as adapter arms of an alias with no champion, export no sample):
 - ``tandem_eval_prompt_tokens_mean`` / ``tandem_eval_completion_tokens_mean{alias,arm,adapter_version}``
 - ``tandem_eval_retrieval_recall_at_k{alias,k}``, ``tandem_eval_mrr{alias}``
 - ``tandem_eval_questions{alias}``, ``tandem_eval_last_run_timestamp_seconds{alias}``
+- ``tandem_adapter_stale{alias}``: 1 when the latest staleness check of the alias's champion found it below base+RAG
+  on questions about changed documents (components/evaluation/staleness.py), else 0 (one sample per champion)
 - ``tandem_eval_scrape_ok``: 0 when the database could not be read (the other series are then absent)
 - ``tandem_eval_snapshot_age_seconds``: behind a snapshot, seconds since the database last answered
 """
@@ -109,18 +111,16 @@ class EvalScoresCollector(Collector):
         self.prefix = prefix
         self._url: str | None = None
 
-    def _read(self) -> list[StoredScore]:
-        from components.evaluation.store import latest_scores
-
+    def _read(self) -> tuple[list[StoredScore], dict[str, bool]]:
         if self.pool is not None:
             with self.pool.connection(timeout=self.timeout) as conn:
-                return latest_scores(conn)
+                return _read_all(conn)
         if self._url is None:
             from components.db import database_url
 
             self._url = database_url(self.settings)
         with psycopg.connect(self._url, autocommit=True, connect_timeout=3) as conn:
-            return latest_scores(conn)
+            return _read_all(conn)
 
     def _families(self) -> dict[str, GaugeMetricFamily]:
         p = self.prefix
@@ -139,6 +139,11 @@ class EvalScoresCollector(Collector):
         fams["last_run"] = GaugeMetricFamily(
             f"{p}_last_run_timestamp_seconds", "When the latest evaluation run finished (Unix time).", labels=["alias"]
         )
+        fams["stale"] = GaugeMetricFamily(
+            "tandem_adapter_stale",
+            "1 when the alias's champion answers questions about changed documents worse than base+RAG.",
+            labels=["alias"],
+        )
         return fams
 
     def describe(self) -> Iterable[Metric]:
@@ -149,7 +154,7 @@ class EvalScoresCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         fams = self._families()
         try:
-            scores = self._read()
+            scores, stale = self._read()
         except Exception as exc:  # a scrape must not fail because the database is away: report it instead
             log.warning("evaluation scores unavailable: %s", exc)
             yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", _OK_HELP, 0)
@@ -171,5 +176,17 @@ class EvalScoresCollector(Collector):
                 fams["mrr"].add_metric([s.alias], s.retrieval_mrr)
             fams["questions"].add_metric([s.alias], s.questions)
             fams["last_run"].add_metric([s.alias], s.finished_at.timestamp())
+        for alias, flagged in stale.items():
+            fams["stale"].add_metric([alias], 1.0 if flagged else 0.0)
         yield from fams.values()
         yield GaugeMetricFamily(f"{self.prefix}_scrape_ok", _OK_HELP, 1)
+
+
+def _read_all(conn: Any) -> tuple[list[StoredScore], dict[str, bool]]:
+    """The latest scores of each alias and, per alias with a champion, whether its latest staleness check
+    flagged it (a champion never checked counts as not stale)."""
+    from components.evaluation.staleness import champion_staleness
+    from components.evaluation.store import latest_scores
+
+    stale = {alias: bool(check and check.stale) for alias, _, check in champion_staleness(conn)}
+    return latest_scores(conn), stale

@@ -135,11 +135,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_adapters(args: argparse.Namespace) -> int:
     from components import registry
     from components.db import connect
+    from components.evaluation.staleness import champion_staleness
 
     with connect(get_settings()) as conn:
         versions = registry.list_versions(conn, args.alias)
+        checks = {(a, v): c for a, v, c in champion_staleness(conn) if c is not None}
     if args.json:
-        print_json([{**v.__dict__, "served_name": v.served_name} for v in versions])
+        print_json(
+            [
+                {**v.__dict__, "served_name": v.served_name, "staleness": _staleness(checks.get((v.alias, v.version)))}
+                for v in versions
+            ]
+        )
         return 0
     rows = []
     for v in versions:
@@ -163,7 +170,18 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     header = ["alias", "version", "status", "rank", "dataset", "size", "val_loss", "main", "created"]
     header += ["promoted_by", "reason"]
     print(table(rows, header) if rows else "no adapters yet: run `tandem train`")
+    for (alias, version), check in sorted(checks.items()):
+        if check.stale and (args.alias is None or alias == args.alias):
+            when = f"check {check.check_id}, {check.checked_at:%Y-%m-%d %H:%M}"
+            print(f"stale champion: {alias} v{version} ({check.reason}; {when})")
     return 0
+
+
+def _staleness(check: Any) -> dict[str, Any] | None:
+    """The latest staleness check of a champion, for `tandem adapters --json` (None: never checked, or no champion)."""
+    if check is None:
+        return None
+    return {"stale": check.stale, "reason": check.reason, "check_id": check.check_id, "checked_at": check.checked_at}
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

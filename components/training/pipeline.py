@@ -182,7 +182,7 @@ def train_candidate(
         "n_test": len(held.examples),
         "heldout": held.lineage(),
         "contaminated": contaminated,
-        "rendering": rendering,
+        "rendering": {k: v for k, v in rendering.items() if k != "grounding"},  # the manifest keeps the examples
         "replay": {"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
         if replay
         else None,
@@ -221,6 +221,7 @@ def training_conversations(
             )
 
         rendered_train, rendered_val = render(train), render(validation)
+        documents = grounding_documents(conn, rendered_train.grounding)
     left_out = [*rendered_train.problems, *rendered_val.problems]
     for problem in left_out[:20]:
         log.warning("left out of training: %s", problem)
@@ -238,8 +239,25 @@ def training_conversations(
         "prompt": hashlib.sha256(system_prompt([], settings.assistant_org).encode()).hexdigest()[:12],
         "summary": summary,
         "left_out": left_out,
+        "documents": documents,  # what the grounded examples' documents held at training: source, path, hash
+        "grounding": rendered_train.grounding,  # kept in the artifact's manifest only (see train_candidate)
     }
     return rendered_train.conversations, rendered_val.conversations, lineage
+
+
+def grounding_documents(conn: Any, grounding: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The content hash of each document a grounded training example took its answer from."""
+    keys = sorted({(g["source"], g["document"]) for g in grounding})
+    if not keys:
+        return []
+    rows = conn.execute(
+        """SELECT d.source, d.path, d.content_hash FROM documents d
+             JOIN unnest(%s::text[], %s::text[]) AS k(source, path) ON d.source = k.source AND d.path = k.path
+            ORDER BY d.source, d.path""",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    ).fetchall()
+    conn.commit()
+    return [{"source": r[0], "path": r[1], "content_hash": r[2]} for r in rows]
 
 
 def load_replay(settings: Settings, exclude: Iterable[str] = ()) -> Dataset | None:

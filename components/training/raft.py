@@ -46,6 +46,9 @@ class RenderReport:
     conversations: list[list[dict[str, Any]]] = field(default_factory=list)
     kinds: Counter[str] = field(default_factory=Counter)  # grounded, not_in_sources, plain, oracle_added
     problems: list[str] = field(default_factory=list)  # "file:line: why", examples left out
+    # Per grounded example, the document its answer was taken from and the answer's words that chunk held: the
+    # lineage the staleness check (components/evaluation/staleness.py) reads after documents change.
+    grounding: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"rendered": len(self.conversations), **dict(self.kinds), "left_out": len(self.problems)}
@@ -113,14 +116,44 @@ def render_example(
     document_chunks: DocumentChunks | None = None,
 ) -> tuple[list[dict[str, Any]] | None, str]:
     """One example as the gateway would prompt it, and its kind; (None, why) when it must be left out."""
+    conversation, kind, _ = _render(
+        example, retrieve, org, top_k, unanswerable_share=unanswerable_share, document_chunks=document_chunks
+    )
+    return conversation, kind
+
+
+def grounding_record(example: Example, chunk: ChunkLike) -> dict[str, Any]:
+    """What a grounded example was trained on: its question and answer, the chunk's document, and the answer's
+    content words that chunk held (so a later check can tell which of them the document no longer holds)."""
+    answer = _CITATION.sub("", example.answer).strip()
+    held = set(normalize(chunk.text).split())
+    return {
+        "question": query_text(without_old_sources(example)[:-1]),
+        "answer": answer,
+        "document": chunk.document_path,
+        "source": chunk.source,
+        "evidence": sorted({w for w in key_words(answer, whole=True) if w in held}),
+    }
+
+
+def _render(
+    example: Example,
+    retrieve: Retrieve,
+    org: str,
+    top_k: int,
+    *,
+    unanswerable_share: float,
+    document_chunks: DocumentChunks | None,
+) -> tuple[list[dict[str, Any]] | None, str, ChunkLike | None]:
+    """``render_example`` plus the chunk the target cites (None when it cites none)."""
     messages = without_old_sources(example)
     if example.plain:
-        return messages, "plain"
+        return messages, "plain", None
     *prompt, answer_turn = messages
     answer = str(answer_turn["content"])
     query = query_text(prompt)
     if not query:
-        return None, "no user text to retrieve with"
+        return None, "no user text to retrieve with", None
     if _share(example) < unanswerable_share:
         pool = retrieve(query, top_k * 3)
         distractors = [
@@ -130,8 +163,10 @@ def render_example(
             and not (example.source and source_matches(c.document_path, example.source))
         ][:top_k]
         if distractors:
-            return [*build_rag_messages(prompt, distractors, org), {"role": "assistant", "content": NOT_IN_SOURCES}], (
-                "not_in_sources"
+            return (
+                [*build_rag_messages(prompt, distractors, org), {"role": "assistant", "content": NOT_IN_SOURCES}],
+                "not_in_sources",
+                None,
             )
     chunks = list(retrieve(query, top_k))
     found = _best_chunk(answer, chunks, example.source)
@@ -144,9 +179,9 @@ def render_example(
             found, kind = (len(chunks) - 1, own[1]), "oracle_added"
     if found is None:
         where = f"named source {example.source} has no chunk" if example.source else "no retrieved chunk"
-        return None, f'{where} that holds the answer (and it is not marked "rag": false)'
+        return None, f'{where} that holds the answer (and it is not marked "rag": false)', None
     target = cite(answer, found[0] + 1)
-    return [*build_rag_messages(prompt, chunks, org), {"role": "assistant", "content": target}], kind
+    return [*build_rag_messages(prompt, chunks, org), {"role": "assistant", "content": target}], kind, chunks[found[0]]
 
 
 def render_examples(
@@ -161,7 +196,7 @@ def render_examples(
     """Every example through ``render_example``; the left-out ones are reported as ``file:line: why``."""
     report = RenderReport()
     for example in examples:
-        conversation, kind = render_example(
+        conversation, kind, chunk = _render(
             example,
             retrieve,
             org,
@@ -174,4 +209,6 @@ def render_examples(
             continue
         report.kinds[kind] += 1
         report.conversations.append(conversation)
+        if chunk is not None:
+            report.grounding.append(grounding_record(example, chunk))
     return report
