@@ -3,21 +3,36 @@
 A version is served by vLLM under its own name (``served_name``), never reloaded in place under an old one.
 Status moves: candidate -> champion | rejected | failed; champion -> retired (when another is promoted) or
 rolled_back (when a rollback leaves it: rollbacks walk back the lineage and never return to it).
+
+One fleet agrees through this table: every switch of an alias (promote, rollback, stage) runs under the alias's
+advisory lock (``lock_alias``) wherever it starts, and its commit sends ``pg_notify('tandem_registry', ...)``,
+which every gateway LISTENs for (serving/registry_listener.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from components.errors import ConfigError
 
 STATUSES = ("candidate", "champion", "rejected", "retired", "failed", "rolled_back")
+NOTIFY_CHANNEL = "tandem_registry"
+# Advisory lock classes (the first int of a two-int key; the second is hashtext of the alias or replica URL)
+ALIAS_LOCK = 0x7A4D_0101  # one switch of an alias at a time, fleet-wide (transaction-scoped)
+REPLICA_LOCK = 0x7A4D_0102  # one gateway's reconciler acts on a replica at a time (session-scoped)
+DEFAULT_LOCK_WAIT_S = 30.0
+
+
+class AliasBusyError(ConfigError):
+    """Another promotion, rollback or stage of the alias held its lock for longer than the wait."""
 
 
 @dataclass
@@ -40,6 +55,7 @@ class AdapterVersion:
     promoted_at: datetime | None
     promoted_by: str | None = None  # "key:<admin key name>" or "cli:<user>" (migration 0005)
     changed_by: str | None = None
+    staged_at: datetime | None = None  # loaded ahead of its promotion on every replica (migration 0014)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,8 +70,32 @@ def served_name(alias: str, version: int) -> str:
 
 _COLUMNS = (
     "id, alias, version, base_model, dataset_version, dataset_size, hyperparameters, metrics, artifact_uri, "
-    "lora_rank, status, reason, parent_version, created_at, updated_at, promoted_at, promoted_by, changed_by"
+    "lora_rank, status, reason, parent_version, created_at, updated_at, promoted_at, promoted_by, changed_by, staged_at"
 )
+
+
+def lock_alias(conn: psycopg.Connection, alias: str, wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
+    """Take ``alias``'s fleet-wide lock until the current transaction ends, waiting at most ``wait_s`` seconds.
+
+    Raises AliasBusyError (nothing changed) when another promotion, rollback or stage of the alias holds it longer.
+    Call inside ``conn.transaction()``.
+    """
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(int(wait_s * 1000), 1)}ms",))
+    try:
+        with conn.transaction():  # a savepoint: a timed-out wait leaves the outer transaction usable
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ALIAS_LOCK, alias))
+    except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled) as exc:
+        raise AliasBusyError(
+            f"another promotion, rollback or stage of {alias!r} is running (waited {wait_s:g} s for its lock); "
+            "retry when it has finished"
+        ) from exc
+    conn.execute("SELECT set_config('lock_timeout', '0', true)")
+
+
+def notify(conn: psycopg.Connection, alias: str, version: int, event: str) -> None:
+    """Tell every gateway (LISTEN tandem_registry) about a switch; delivered when the transaction commits."""
+    payload = json.dumps({"alias": alias, "version": version, "event": event})
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
 
 
 def register_candidate(
@@ -72,7 +112,7 @@ def register_candidate(
 ) -> AdapterVersion:
     """Record a new version (next number for the alias) as a candidate, with its parent = current champion."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"adapter:{alias}",))
+        lock_alias(conn, alias)
         champion = get_champion(conn, alias)
         with conn.cursor(row_factory=class_row(AdapterVersion)) as cur:
             cur.execute(
@@ -121,6 +161,36 @@ def champions(conn: psycopg.Connection) -> dict[str, AdapterVersion]:
         return {row.alias: row for row in cur.fetchall()}
 
 
+def staged(conn: psycopg.Connection) -> dict[str, AdapterVersion]:
+    """alias -> its staged candidate (at most one per alias): loaded on every replica ahead of its promotion."""
+    with conn.cursor(row_factory=class_row(AdapterVersion)) as cur:
+        cur.execute(
+            f"""SELECT {_COLUMNS} FROM adapter_versions WHERE status = 'candidate' AND staged_at IS NOT NULL
+                ORDER BY alias, staged_at"""
+        )
+        return {row.alias: row for row in cur.fetchall()}
+
+
+def set_staged(conn: psycopg.Connection, alias: str, version: int) -> None:
+    """Record ``version`` as the alias's staged candidate (clearing any other) and notify the gateways.
+
+    Call in a transaction that holds ``lock_alias``."""
+    conn.execute(
+        "UPDATE adapter_versions SET staged_at = CASE WHEN version = %s THEN now() END "
+        "WHERE alias = %s AND (version = %s OR staged_at IS NOT NULL)",
+        (version, alias, version),
+    )
+    notify(conn, alias, version, "stage")
+
+
+def db_now(conn: psycopg.Connection) -> datetime:
+    """The database's clock: every gateway measures the drain grace against it, never against its own."""
+    row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    value: datetime = row[0]
+    return value
+
+
 def list_versions(conn: psycopg.Connection, alias: str | None = None) -> list[AdapterVersion]:
     with conn.cursor(row_factory=class_row(AdapterVersion)) as cur:
         if alias:
@@ -160,11 +230,15 @@ def set_champion(
     reason: str | None = None,
     actor: str | None = None,
     rollback: bool = False,
+    lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
 ) -> AdapterVersion:
     """Atomically make ``version`` the alias's champion and retire the previous one; ``actor`` (who did it)
-    goes to the new champion's ``promoted_by`` and both versions' ``changed_by``."""
+    goes to the new champion's ``promoted_by`` and both versions' ``changed_by``.
+
+    Runs under the alias's lock (already held when the caller took it in an outer transaction) and notifies
+    every gateway at commit: this commit is the switch."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"adapter:{alias}",))
+        lock_alias(conn, alias, lock_wait_s)
         target = get_version(conn, alias, version)
         if target.status in ("failed",):
             raise ConfigError(f"adapter {alias} v{version} failed ({target.reason}); it cannot be promoted")
@@ -187,6 +261,7 @@ def set_champion(
                WHERE alias = %s AND version = %s""",
             (reason, actor, actor, alias, version),
         )
+        notify(conn, alias, version, "rollback" if rollback else "promote")
     return get_version(conn, alias, version)
 
 

@@ -177,6 +177,13 @@ class Settings(BaseSettings):
         default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 96}
     )
     reconcile_interval_s: float = 5.0
+    # Fleet lifecycle (serving/lifecycle.py, README "Fleet: promotion, drain, reconcile"): gateways LISTEN for
+    # registry switches (off: only the reconcile round picks them up); a second promotion of one alias waits this
+    # long for the alias's advisory lock, then 409; a retired version stays on a replica at least the grace
+    # period after its switch, and until vLLM reports no running or waiting request on it
+    registry_notify: bool = True
+    promotion_lock_wait_s: float = Field(default=10.0, gt=0)
+    adapter_drain_grace_s: float = Field(default=15.0, ge=0)
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
 

@@ -268,6 +268,62 @@ RECONCILE_RUNS = Counter(
     registry=REGISTRY,
 )
 
+# Fleet lifecycle (serving/lifecycle.py, serving/registry_listener.py, serving/reconciler.py)
+REGISTRY_NOTIFICATIONS = Counter(
+    "registry_notifications",
+    "Registry switches this gateway heard on LISTEN tandem_registry, by event (promote, rollback, stage).",
+    ["event"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+REGISTRY_LISTENER_UP = Gauge(
+    "registry_listener_up",
+    "1 while the LISTEN connection to Postgres is open, 0 while it reconnects (or TANDEM_REGISTRY_NOTIFY=false).",
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+REGISTRY_LISTENER_RECONNECTS = Counter(
+    "registry_listener_reconnects",
+    "LISTEN connections opened again after one was lost.",
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+ALIAS_LOCK_WAIT = Histogram(
+    "alias_lock_wait_seconds",
+    "Time a promotion, stage or rollback waited for its alias's fleet-wide advisory lock.",
+    namespace=NS,
+    subsystem="adapter",
+    buckets=(*STAGE_BUCKETS, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+ALIAS_LOCK_BUSY = Counter(
+    "alias_lock_busy",
+    "Promotions, stages and rollbacks refused with 409 because another held the alias's lock past the wait.",
+    ["alias"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+RECONCILE_REPLICA_SKIPPED = Counter(
+    "reconcile_replica_skipped",
+    "Reconcile rounds that only refreshed a replica's routes: another gateway held its reconcile lock.",
+    ["replica"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+DRAIN_DEFERRED = Counter(
+    "drain_deferred",
+    "Unloads of a retired version put off, by why (grace, running on vLLM, in flight here, alias locked).",
+    ["reason"],
+    namespace=NS,
+    subsystem="adapter",
+    registry=REGISTRY,
+)
+
 REPLICA_HEALTHY = Gauge(
     "healthy",
     "1 if the vLLM replica answered its last health check.",

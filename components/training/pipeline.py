@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from components import registry
+from components import adapter_rules, registry
 from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
@@ -361,8 +361,9 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
     with connect(settings) as conn:
         cand = registry.get_version(conn, alias, version)
         champion = registry.get_champion(conn, alias)
-        if cand.lora_rank > settings.max_lora_rank:
-            result = GateResult(False, [f"LoRA rank {cand.lora_rank} exceeds max_lora_rank {settings.max_lora_rank}"])
+        too_big = adapter_rules.rank_problem(cand.served_name, cand.lora_rank, settings.max_lora_rank)
+        if too_big:
+            result = GateResult(False, [too_big])
             _record(conn, alias, version, result)
             return result.as_dict()
         held = heldout.ensure(conn, settings, alias, data)

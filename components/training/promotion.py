@@ -1,8 +1,11 @@
 """Promotion and rollback: through the gateway's hot-swap when it is up, else straight into the registry.
 
-The gateway (serving/) loads the new champion into every vLLM replica before it switches the alias, then
-records it in the registry. When the gateway is not running, the registry is updated here and the gateway's
-reconciler loads the champions from it when it starts.
+The gateway (serving/lifecycle.py) loads the new champion into every vLLM replica before it switches the alias,
+then records it in the registry. When the gateway is not running, the registry is updated here and the gateways'
+reconcilers load the champions from it. Either way the switch runs under the alias's fleet-wide advisory lock
+(``registry.lock_alias``) and its commit notifies every gateway; a second switch of the alias waits
+``promotion_lock_wait_s`` and is then refused with a one-line error. The rules (rank, safetensors, a
+gate-rejected version needs force) are ``components.adapter_rules``, the same ones the gateway applies.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from typing import Any
 
 import httpx
 
-from components import registry
+from components import adapter_rules, registry
 from components.db import connect
-from components.errors import ConfigError, ServiceError
+from components.errors import ServiceError
 from components.keys import admin_secret, bearer
 from components.settings import Settings
-from components.training import artifacts
 
 MAX_REASON = 500  # the gateway's admin API takes at most this many characters
 
@@ -33,15 +35,6 @@ class PromotionResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_rank(settings: Settings, version: registry.AdapterVersion) -> None:
-    """Refuse an adapter whose rank vLLM would refuse (--max-lora-rank), before anything changes."""
-    if version.lora_rank > settings.max_lora_rank:
-        raise ConfigError(
-            f"adapter {version.alias} v{version.version} has LoRA rank {version.lora_rank}, above the servers' "
-            f"max_lora_rank {settings.max_lora_rank}; retrain with a smaller lora_r or raise TANDEM_MAX_LORA_RANK"
-        )
 
 
 def local_actor() -> str:
@@ -61,8 +54,9 @@ def _gateway(settings: Settings, path: str, body: dict[str, Any]) -> dict[str, A
         return None
     if resp.status_code >= 400:
         try:
-            detail = resp.json().get("detail") or resp.json().get("error") or resp.text
-        except ValueError:
+            error = resp.json().get("error")
+            detail = (error.get("message") if isinstance(error, dict) else error) or resp.text
+        except (ValueError, AttributeError):
             detail = resp.text
         raise ServiceError(f"the gateway refused {path} ({resp.status_code}): {str(detail)[:300]}")
     data: dict[str, Any] = resp.json() if resp.content else {}
@@ -79,22 +73,19 @@ def promote(
     """
     with connect(settings) as conn:
         target = registry.get_version(conn, alias, version)
-        check_rank(settings, target)
-        artifacts.check_weights(target.artifact_uri)  # safetensors only: a pickled adapter is refused
+        adapter_rules.check_servable(target, settings.max_lora_rank)
         if target.status == "champion":
             return PromotionResult(alias, version, target.served_name, "none", "already the champion")
-        if target.status == "rejected":
-            if not force:
-                raise ConfigError(
-                    f"adapter {alias} v{version} was rejected by the evaluation gate ({target.reason}); "
-                    "pass --force to promote it anyway"
-                )
-            reason = f"{reason or 'promoted'}, overriding the gate's rejection ({target.reason})"
+        adapter_rules.check_promotable(target, force, force_hint="pass --force")
+        reason = adapter_rules.override_reason(target, reason, force)
     reason = reason[:MAX_REASON] if reason else None
     body = {"alias": alias, "version": version, "force": force, "reason": reason}
     if _gateway(settings, "/v1/admin/adapters/promote", body) is not None:
         return PromotionResult(alias, version, target.served_name, "gateway", "hot-swapped by the gateway")
-    with connect(settings) as conn:
+    with connect(settings) as conn, conn.transaction():
+        registry.lock_alias(conn, alias, settings.promotion_lock_wait_s)
+        target = registry.get_version(conn, alias, version)  # again under the lock: another switch may have run
+        adapter_rules.check_promotable(target, force, force_hint="pass --force")
         registry.set_champion(conn, alias, version, reason=reason, actor=local_actor())
     return PromotionResult(
         alias,
@@ -116,11 +107,13 @@ def rollback(settings: Settings, alias: str) -> PromotionResult:
     """Return ``alias`` to its previous champion."""
     with connect(settings) as conn:
         target = registry.rollback_target(conn, alias)
-        check_rank(settings, target)
-        artifacts.check_weights(target.artifact_uri)  # safetensors only: a pickled adapter is refused
+        adapter_rules.check_servable(target, settings.max_lora_rank)
     if _gateway(settings, "/v1/admin/adapters/rollback", {"alias": alias}) is not None:
         return PromotionResult(alias, target.version, target.served_name, "gateway", "rolled back by the gateway")
-    with connect(settings) as conn:
+    with connect(settings) as conn, conn.transaction():
+        registry.lock_alias(conn, alias, settings.promotion_lock_wait_s)
+        target = registry.rollback_target(conn, alias)  # again under the lock: another switch may have run
+        adapter_rules.check_servable(target, settings.max_lora_rank)
         registry.set_champion(conn, alias, target.version, reason="rollback", actor=local_actor(), rollback=True)
     return PromotionResult(
         alias,

@@ -1,7 +1,8 @@
 """Admin API: list adapters, stage or promote a version, roll an alias back. Admin keys only; off without one.
 
 Every change is recorded with the calling key's name (``key:<name>``) in the registry's ``promoted_by`` and
-``changed_by``.
+``changed_by``. Changes go through the lifecycle (serving/lifecycle.py): one per alias at a time across the
+fleet, so a second one of the same alias waits ``promotion_lock_wait_s`` and is then answered 409 alias_busy.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ async def list_adapters(gw: GatewayDep) -> dict[str, Any]:
     snap = gw.adapters.snapshot()
     try:
         champions = await gw.adapters.db.run(registry.champions)
+        staged = await gw.adapters.db.run(registry.staged)
     except Exception as exc:  # the snapshot itself lives in memory: still answer it without the registry's part
         log.warning("admin snapshot without the registry: %s", exc)
-        champions = {}
+        champions, staged = {}, {}
     for entry in snap["aliases"]:
         champ = champions.get(entry["alias"])
         entry["promoted_by"] = champ.promoted_by if champ else None
         entry["promoted_at"] = champ.promoted_at.isoformat() if champ and champ.promoted_at else None
+        entry["staged_version"] = staged[entry["alias"]].version if entry["alias"] in staged else None
     return snap
 
 

@@ -122,7 +122,7 @@ def test_rank_above_limit_is_refused(gateway: Gateway) -> None:
         response = admin.post("/v1/admin/adapters/promote", json={"alias": gateway.alias, "version": big})
         missing = admin.post("/v1/admin/adapters/promote", json={"alias": gateway.alias, "version": 9999})
     assert response.status_code == 422
-    assert "rank 64 > max_lora_rank" in response.json()["error"]["message"]
+    assert "rank 64, above the servers' max_lora_rank" in response.json()["error"]["message"]
     assert missing.status_code == 404
 
 

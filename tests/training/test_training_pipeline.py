@@ -134,7 +134,7 @@ def test_rank_over_the_limit_is_refused_before_promotion(champion: registry.Adap
     with pytest.raises(ConfigError, match="above the servers' max_lora_rank"):
         promotion.promote(settings, ALIAS, big.version)
     gate = pipeline.evaluate_gate(settings, ALIAS, big.version)
-    assert not gate["promote"] and "exceeds max_lora_rank" in gate["reasons"][0]
+    assert not gate["promote"] and "above the servers' max_lora_rank" in gate["reasons"][0]
     with VllmClient.for_settings(settings) as client:
         assert big.served_name not in client.models()  # never sent to vLLM
     with connect() as conn:
