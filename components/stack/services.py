@@ -228,7 +228,7 @@ SERVICES: list[Service] = [
             str(s.gateway_port),
             "--no-access-log",
         ],
-        startup_timeout=lambda s: 90.0,
+        startup_timeout=lambda s: max(90.0, s.startup_timeout_s / 2),
     ),
     Service(
         name="gpu-exporter",
