@@ -52,6 +52,14 @@ def _user() -> str:
     return f"cli:{getpass.getuser()}"
 
 
+def _connect(settings: Settings) -> Any:
+    """A connection to a schema that is current (the first command on a fresh database creates it)."""
+    from components.db import connect, migrate
+
+    migrate(settings)
+    return connect(settings)
+
+
 def announce(settings: Settings, alias: str, extra: dict[str, Any]) -> str | None:
     """Post the alias's domain-data asset event; a one-line warning (not an error) when that fails."""
     try:
@@ -66,12 +74,11 @@ def announce(settings: Settings, alias: str, extra: dict[str, Any]) -> str | Non
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from components.db import connect
     from components.training.intake import add_examples
 
     settings = get_settings()
     alias = args.alias or settings.default_alias
-    with connect(settings) as conn:
+    with _connect(settings) as conn:
         report = add_examples(conn, settings, alias, args.file, submitted_by=_user(), approve=args.approve)
     out = report.to_dict()
     warning = None
@@ -92,10 +99,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from components.db import connect
     from components.training.intake import list_examples
 
-    with connect(get_settings()) as conn:
+    with _connect(get_settings()) as conn:
         rows = list_examples(conn, args.alias, args.status, args.limit)
     if args.json:
         print_json([r.to_dict() for r in rows])
@@ -111,11 +117,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _interactive(settings: Settings, alias: str | None) -> list[dict[str, Any]]:
     """One prompt per pending example; each decision is stored as it is made."""
-    from components.db import connect
     from components.training.intake import describe, pending, review
 
     reports = []
-    with connect(settings) as conn:
+    with _connect(settings) as conn:
         todo = pending(conn, alias)
         if not todo:
             print("nothing pending")
@@ -135,7 +140,6 @@ def _interactive(settings: Settings, alias: str | None) -> list[dict[str, Any]]:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from components.db import connect
     from components.training.intake import review
 
     settings = get_settings()
@@ -143,7 +147,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         raise ConfigError(f"ids both approved and rejected: {sorted(set(args.approve) & set(args.reject))}")
     if args.approve or args.reject:
         reports = []
-        with connect(settings) as conn:
+        with _connect(settings) as conn:
             for decision, ids in (("approve", args.approve), ("reject", args.reject)):
                 if ids:
                     reports.append(review(conn, ids, decision, _user(), args.note).to_dict())
@@ -166,7 +170,8 @@ def cmd_review(args: argparse.Namespace) -> int:
     else:
         for r in reports:
             done = sum(len(ids) for ids in r["changed"].values())
-            print(f"{r['decision']}d {done} examples" + (f"; {len(r['skipped'])} skipped" if r["skipped"] else ""))
+            skipped = f"; {len(r['skipped'])} skipped" if r["skipped"] else ""
+            print(f"{r['decision'].rstrip('e')}ed {done} examples{skipped}")
             for line in r["skipped"][:10]:
                 print(f"  skipped {line}")
     for warning in warnings:

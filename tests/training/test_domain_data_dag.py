@@ -78,6 +78,7 @@ def test_both_dags_parse_and_import_nothing_heavy() -> None:
     assert "('review_domain_data', 'review')" in out.stdout and "('review_domain_data', 'announce')" in out.stdout
 
 
+@pytest.mark.slow
 def test_intake_dag_imports_the_landing_files_once_and_announces_the_alias(env: Settings, tmp_path: Path) -> None:
     folder = tmp_path / "landing" / "dag-landed"
     folder.mkdir(parents=True)
@@ -170,6 +171,7 @@ def _answer(client: httpx.Client, decide: dict[int, str], errors: list[str]) -> 
             client.patch(f"/api/v2/dags/review_domain_data/dagRuns/{run_id}", json={"state": "failed"})
 
 
+@pytest.mark.slow
 def test_review_dag_waits_for_a_person_and_only_approved_examples_reach_the_snapshot(
     env: Settings, api_server: httpx.Client
 ) -> None:
