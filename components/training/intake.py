@@ -324,8 +324,9 @@ def review(
     by: str,
     note: str | None = None,
 ) -> ReviewReport:
-    """Approve or reject pending examples (recorded with ``by`` and ``note``); an id already reviewed is skipped
-    and reported, an unknown id refuses the whole call. Commits."""
+    """Approve pending examples, or reject pending or approved ones (recorded with ``by`` and ``note``); any other
+    id is skipped and reported (a rejected example is never approved), an unknown id refuses the whole call.
+    Commits."""
     if decision not in ("approve", "reject"):
         raise ConfigError(f"decision must be approve or reject (got {decision!r})")
     wanted = sorted({int(i) for i in ids})
@@ -338,9 +339,12 @@ def review(
         missing = sorted(set(wanted) - {r[0] for r in rows})
         if missing:
             raise ConfigError(f"no domain example with id {', '.join(map(str, missing))}: see `tandem data list`")
-        todo = [r for r in rows if r[2] == "pending"]
+        # approving takes pending examples only (a rejected one never comes back); rejecting also withdraws an
+        # approved one from the next snapshot
+        open_ = ("pending",) if decision == "approve" else ("pending", "approved")
+        todo = [r for r in rows if r[2] in open_]
         report.skipped = [
-            f"#{r[0]}: already {r[2]}" + (f" by {r[3]}" if r[3] else "") for r in rows if r[2] != "pending"
+            f"#{r[0]}: already {r[2]}" + (f" by {r[3]}" if r[3] else "") for r in rows if r[2] not in open_
         ]
         if todo:
             conn.execute(

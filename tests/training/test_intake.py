@@ -156,6 +156,12 @@ def test_add_review_and_snapshot_hold_the_approved_examples_only(
     assert second.version == first.version + 1 and second.example_ids == [a, b, d]
     assert ds.version == second.content_hash and len(ds.examples) == 3
     assert {e.messages[0][1] for e in ds.examples} == {FACTS[0][0], FACTS[1][0], FACTS[3][0]}
+    # an approved example withdrawn: rejected, and gone from the next snapshot
+    code, out, _ = _cli(capsys, "review", "--reject", str(a), "--note", "outdated", "--json")
+    assert out["reviews"][0]["changed"] == {"intake-c": [a]}
+    with connect() as conn:
+        third = intake.snapshot(conn, "intake-c")
+    assert third.version == second.version + 1 and third.example_ids == [b, d]
     code, _, err = _cli(capsys, "review", "--approve", "999999999")
     assert code == 2 and "no domain example with id 999999999" in err
 
