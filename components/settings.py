@@ -255,13 +255,14 @@ class Settings(BaseSettings):
     # landing location, any fsspec URL with "{alias}" in it or one subfolder per alias (empty: the data_location
     # above); whether files found there are approved as they are imported (feedback corrections never are); the
     # longest JSONL line read (a longer one is refused unread); the intake and review DAGs' schedule; how many
-    # pending examples one review run shows
+    # pending examples one review run shows, and how long it waits for a person (unanswered ones stay pending)
     aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
     domain_data_url: str = ""
     intake_auto_approve: bool = True
     intake_max_line_bytes: int = Field(default=1_048_576, ge=1)
     intake_schedule: str = "*/2 * * * *"
     review_batch: int = Field(default=20, ge=1)
+    review_timeout_h: float = Field(default=24.0, gt=0)
     min_new_examples: int = 20
     # The gate's general-knowledge questions; the default ships in the package (components/data/)
     general_set: str = str(GENERAL_SET)

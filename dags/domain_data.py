@@ -137,6 +137,7 @@ def review_domain_data() -> None:
     reviews = HITLOperator.partial(
         task_id="review",
         options=[APPROVE, REJECT],
+        response_timeout=timedelta(hours=_settings.review_timeout_h),  # then apply what was answered
         params={"note": Param("", type="string", description="why (recorded with the decision)")},
     ).expand_kwargs(pending.map(_prompt))
     decisions = apply_decisions(pending)
