@@ -171,8 +171,9 @@ class AnswerLog:
         """One retention purge now (None: another gateway held the lock, or Postgres failed)."""
         try:
             deleted = await self.db.run(purge_expired, self.settings.answer_retention_days)
-        except (psycopg.Error, OSError) as exc:
-            self._warn("answer retention purge failed: %s", _first_line(exc))
+        except Exception as exc:  # the purge loop goes on: it is tried again next interval
+            database = isinstance(exc, (psycopg.Error, OSError))
+            self._warn("answer retention purge failed: %s", _first_line(exc), exc_info=not database)
             return None
         if deleted:
             m.ANSWERS_PURGED.inc(deleted)
@@ -187,9 +188,10 @@ class AnswerLog:
             try:
                 await self.db.run(insert_answers, batch)
                 m.ANSWERS_RECORDED.inc(len(batch))
-            except (psycopg.Error, OSError) as exc:
-                m.ANSWERS_DROPPED.labels(reason="db_error").inc(len(batch))
-                self._warn("%d answer(s) not recorded: %s", len(batch), _first_line(exc))
+            except Exception as exc:  # whatever failed, the writer goes on with the next batch
+                database = isinstance(exc, (psycopg.Error, OSError))
+                m.ANSWERS_DROPPED.labels(reason="db_error" if database else "error").inc(len(batch))
+                self._warn("%d answer(s) not recorded: %s", len(batch), _first_line(exc), exc_info=not database)
             finally:
                 for _ in batch:
                     self.queue.task_done()
@@ -199,11 +201,11 @@ class AnswerLog:
             await self.purge()
             await asyncio.sleep(self.settings.answer_purge_interval_s)
 
-    def _warn(self, message: str, *args: Any) -> None:
+    def _warn(self, message: str, *args: Any, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:  # Postgres down: one line a minute, not one per answer
             self._warned_at = now
-            log.warning(message, *args)
+            log.warning(message, *args, exc_info=exc_info)
 
 
 def get_answer_log(request: Request) -> AnswerLog:
