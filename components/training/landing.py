@@ -58,7 +58,12 @@ def landing_url(settings: Settings, alias: str) -> str:
 
 def landing_files(location: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The *.jsonl files at ``location`` (a file or a folder, searched recursively); none when it does not exist."""
-    fs, path = fsspec.core.url_to_fs(location)
+    try:
+        fs, path = fsspec.core.url_to_fs(location)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(
+            f"landing location {location} is not a usable fsspec URL ({exc}); see TANDEM_DOMAIN_DATA_URL"
+        ) from None
     if fs.isdir(path):
         return fs, sorted(p for p in fs.find(path) if p.endswith(".jsonl"))
     return fs, [path] if fs.exists(path) else []

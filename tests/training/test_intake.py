@@ -236,3 +236,22 @@ def test_the_pipeline_trains_on_the_alias_snapshot_and_an_explicit_path_as_befor
     path = _write(tmp_path / "elsewhere.jsonl", GOOD)
     direct = pipeline.check_new_data(settings, "trains", data=str(path))
     assert direct["data"] == str(path) and direct["snapshot"] is None and direct["examples"] == 3
+
+
+def test_any_fsspec_url_is_a_landing_location(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    monkeypatch.setenv("TANDEM_DOMAIN_DATA_URL", "memory://tandem-landing")  # one subfolder per alias
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert landing.landing_url(settings, "intake-d") == "memory://tandem-landing/intake-d"
+    with fsspec.open("memory://tandem-landing/intake-d/batch.jsonl", "w") as fh:
+        fh.write("".join(line + "\n" for line in GOOD))
+    with connect() as conn:
+        report = landing.import_landing(conn, settings, "intake-d")
+        origins = [r.origin for r in intake.list_examples(conn, "intake-d")]
+    assert report.approved == 3 and origins[0] == "landing:memory:///tandem-landing/intake-d/batch.jsonl:1"
+    monkeypatch.setenv("TANDEM_DOMAIN_DATA_URL", "nosuchproto://x")
+    get_settings.cache_clear()
+    with connect() as conn, pytest.raises(ConfigError, match="not a usable fsspec URL"):
+        landing.import_landing(conn, get_settings(), "intake-d")
