@@ -23,7 +23,7 @@ PROMOTED_URI = "tandem://adapters/promoted"  # extra: {"alias", "version", "serv
 EVALUATED_URI = "tandem://adapters/evaluated"  # extra: {"alias", "adapter_version", "run_id"}
 ALIAS_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as the registry's CHECK
 GENERATED_LOGINS = "simple_auth_manager_passwords.json.generated"
-TIMEOUT_S = 30.0
+TIMEOUT_S = 120.0  # Airflow standalone on SQLite answers slowly while its own processes write
 
 
 class AirflowUnreachableError(ServiceError):
