@@ -50,12 +50,7 @@ class Lifecycle:
     async def _alias_locked(self, alias: str, stages: dict[str, float]) -> AsyncIterator[psycopg.Connection]:
         """A transaction holding ``alias``'s fleet-wide lock; committed by the caller, rolled back on error."""
         started = time.perf_counter()
-        try:
-            conn = await self._db(_connect, self.conninfo)
-        except psycopg.Error as exc:
-            raise AdapterError(
-                503, f"the adapter registry is unreachable: {exc}"[:300], "registry_unavailable"
-            ) from exc
+        conn = await self._db(_connect, self.conninfo)  # Postgres down: 503 database_unavailable (errors.py)
         try:
             try:
                 await self._db(registry.lock_alias, conn, alias, self.settings.promotion_lock_wait_s)
