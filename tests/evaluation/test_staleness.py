@@ -160,6 +160,7 @@ def _wait_until_served(settings: Any, alias: str) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # answers through vLLM on 2 shared cores: a busy machine is slow, never wrong
 def test_check_through_the_gateway_flags_and_rolls_back(
     eval_gateway: str, eval_adapter: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -187,7 +188,7 @@ def test_check_through_the_gateway_flags_and_rolls_back(
         shutil.copytree(registry.get_version(conn, "evaltest", eval_adapter).artifact_uri, adapter)
     (adapter / artifacts.MANIFEST).write_text(json.dumps({"rendering": lineage}))
     _register_champions(alias, adapter)
-    settings = get_settings()
+    settings = get_settings().model_copy(update={"staleness_max_questions": 1})  # the changed fact only
     _wait_until_served(settings, alias)
 
     unchanged = staleness.check_alias(settings, alias, trigger="test")
@@ -197,7 +198,7 @@ def test_check_through_the_gateway_flags_and_rolls_back(
     _ingest(folder)
     check = staleness.check_alias(settings, alias, trigger="test")
     assert check is not None and check.check_id and check.basis == "grounding"
-    assert [o["question"] for o in check.outcomes] == [EXAMPLES[0]["question"], EXAMPLES[1]["question"]]
+    assert [o["question"] for o in check.outcomes] == [EXAMPLES[0]["question"]]  # changed facts first
     assert check.outcomes[0]["retired"] == ["15", "7"]
     hybrid = [o["adapter_rag"]["correct"] for o in check.outcomes]
     base_rag = [o["base_rag"]["correct"] for o in check.outcomes]
@@ -205,7 +206,7 @@ def test_check_through_the_gateway_flags_and_rolls_back(
     assert all(o[arm]["answer"] for o in check.outcomes for arm in staleness.STALE_ARMS)
     with connect() as conn:
         stored = staleness.latest_check(conn, alias, 2)
-    assert stored is not None and stored.check_id == check.check_id and stored.questions == 2
+    assert stored is not None and stored.check_id == check.check_id and stored.questions == 1
     again = staleness.check_alias(settings, alias, trigger="test")  # same changed documents: the verdict stands
     assert again is not None and again.reused and again.check_id == check.check_id
 
