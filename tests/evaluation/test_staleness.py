@@ -241,3 +241,16 @@ def test_check_through_the_gateway_flags_and_rolls_back(
         assert staleness.latest_check(conn, alias, 2).rolled_back_to == 1  # type: ignore[union-attr]
     exposition = generate_latest(collector_registry).decode()
     assert f'tandem_adapter_stale{{alias="{alias}"}} 0.0' in exposition  # v1 is champion and not stale
+
+
+def test_the_gateway_role_reads_the_verdicts(pg_url: str) -> None:
+    """The gauge is read by the gateway as role tandem_gateway: migration 0013 grants it the table, nothing more."""
+    import psycopg
+
+    from components.db.gateway_role import gateway_database_url
+    from components.evaluation.staleness import champion_staleness
+
+    with psycopg.connect(gateway_database_url(), autocommit=True) as conn:
+        assert isinstance(champion_staleness(conn), list)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM staleness_checks")
