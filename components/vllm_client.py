@@ -7,12 +7,14 @@ threads with one shared HTTP client that carries vLLM's key. Every call sends th
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.errors import ServiceError
+from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 
 _LORA_INFO = "vllm:lora_requests_info"
@@ -41,6 +43,22 @@ def detail(response: httpx.Response) -> str:
     return " ".join(text.split())[:300] or f"HTTP {response.status_code}"
 
 
+def first_vllm_url(settings: Settings) -> str:
+    """The first vLLM server of ``settings`` as a plain URL: a ``dns+http://NAME:PORT`` entry (the gateway's
+    discovery form) becomes its name's first address, for callers that need one server (the gate, benches)."""
+    url = settings.vllm_endpoints[0]
+    if not url.startswith("dns+"):
+        return url
+    parts = urlsplit(url.removeprefix("dns+"))
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"TANDEM_VLLM_URLS entry {url!r}: {parts.hostname} does not resolve ({exc})") from exc
+    address = str(infos[0][4][0])
+    host = f"[{address}]" if ":" in address else address
+    return f"{parts.scheme}://{host}:{parts.port}"
+
+
 class VllmClient:
     """A thin client for one vLLM server (OpenAI-compatible API with runtime LoRA updating enabled)."""
 
@@ -63,10 +81,10 @@ class VllmClient:
 
     @classmethod
     def for_settings(cls, settings: Settings, timeout_s: float = 600.0) -> VllmClient:
-        """A client for the first vLLM server of ``settings``, sending the key it was started with."""
+        """A client for the first vLLM server of ``settings`` (``first_vllm_url``), with the key it was started with."""
         from components.keys import vllm_secret
 
-        return cls(settings.vllm_endpoints[0], timeout_s, api_key=vllm_secret(settings))
+        return cls(first_vllm_url(settings), timeout_s, api_key=vllm_secret(settings))
 
     def close(self) -> None:
         if self._own:

@@ -20,6 +20,7 @@ from components.cli._output import add_json_flag, print_json, table
 from components.errors import ServiceError
 from components.keys import admin_secret, bearer, vllm_secret
 from components.settings import Settings, get_settings
+from components.vllm_client import first_vllm_url
 
 QUESTION = "When does Corran Lock open for transits?"
 TARGETS = {
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=40, help="requests per variant at 1 client")
     p.add_argument("--requests-16", type=int, default=48, help="requests per variant at 16 clients")
     p.add_argument("--rounds-16", type=int, default=3, help="rounds of the 16-client variants, in rotated order")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (ignore_eos)")
+    p.add_argument("--max-tokens", type=int, default=8, help="most tokens generated per request")
     p.add_argument(
         "--promotions", type=int, default=3, help="promotions of each kind (cold, staged) timed under 8 clients"
     )
@@ -145,7 +146,7 @@ async def _overhead_pairs(s: Settings, n: int) -> dict[str, Any]:
         "max_tokens": 1,
     }
     targets = {
-        "direct": (s.vllm_endpoints[0] + "/v1/chat/completions", direct_body),
+        "direct": (first_vllm_url(s) + "/v1/chat/completions", direct_body),
         "gateway": (s.gateway_url + "/v1/chat/completions", {**direct_body, "rag": False}),
     }
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -313,9 +314,9 @@ def run(args: argparse.Namespace) -> int:
         "model": s.served_model_name,
         "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": args.max_tokens,
-        "ignore_eos": True,
+        # No ignore_eos: the gateway refuses vLLM-only options (400), so both sides send the same body.
     }
-    direct_url, gw_url = s.vllm_endpoints[0] + "/v1/chat/completions", s.gateway_url + "/v1/chat/completions"
+    direct_url, gw_url = first_vllm_url(s) + "/v1/chat/completions", s.gateway_url + "/v1/chat/completions"
     results: dict[str, Any] = {"settings": {"max_tokens": args.max_tokens, "vllm": s.vllm_endpoints}}
     results["embed_retrieve"] = _embed_retrieve(s, 40)
     results["overhead_1_client"] = asyncio.run(_overhead_pairs(s, args.requests))

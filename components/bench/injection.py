@@ -145,12 +145,12 @@ def run(settings: Settings, formats: list[str], corpus: Path, top_k: int, max_to
     """Every question in every format against the first configured vLLM server (base model, greedy)."""
     from components.keys import vllm_secret
     from components.prompting import build_rag_messages, cited_numbers
-    from components.training.vllm_client import VllmClient
+    from components.vllm_client import VllmClient, first_vllm_url
 
     docs, questions = load_corpus(corpus)
     chunks, vectors, embedder = build_index(docs, settings)
     contexts = {q["id"]: retrieve(q, chunks, vectors, embedder, top_k) for q in questions}
-    url = settings.vllm_endpoints[0]
+    url = first_vllm_url(settings)
     jobs = []
     for fmt in formats:
         for q in questions:

@@ -23,6 +23,7 @@ from components.cli._output import add_json_flag, print_json
 from components.errors import TandemError
 from components.keys import bearer, client_secret
 from components.settings import Settings, get_settings
+from components.vllm_client import first_vllm_url
 
 RESULTS = Path("bench/results/train.json")
 ALIAS = "benchtrain"
@@ -173,7 +174,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
         migrate(settings)  # a fresh state dir has no registry yet
         started_vllm = False
-        if not http_ok(f"{settings.vllm_endpoints[0]}/health"):
+        if not http_ok(f"{first_vllm_url(settings)}/health"):
             say("starting vLLM for the end-to-end run...")
             manager.up(settings, only=["vllm"])
             started_vllm = True

@@ -17,6 +17,7 @@ from components.cli._output import table
 from components.errors import ServiceError
 from components.settings import Settings, get_settings
 from components.stack import manager
+from components.vllm_client import first_vllm_url
 
 DEMO_QUESTION = "What is the capital of France? Answer in one word."
 DOMAIN_QUESTION = "What does BSR stand for at the harbour, and when is one required?"
@@ -52,7 +53,7 @@ def ask_base_model(settings: Settings, question: str, max_tokens: int = 32) -> s
     from components.keys import bearer, vllm_secret
 
     resp = httpx.post(
-        settings.vllm_endpoints[0] + "/v1/chat/completions",
+        first_vllm_url(settings) + "/v1/chat/completions",
         json={
             "model": settings.served_model_name,
             "messages": [{"role": "user", "content": question}],

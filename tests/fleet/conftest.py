@@ -109,7 +109,9 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120.0, i
         time.sleep(interval)
 
 
-@pytest.fixture(scope="package")
+# Module scope, not "package": tests/ has no __init__.py files, and there pytest keeps a package-scoped fixture
+# until the end of the session, which left the fleet (and TANDEM_VLLM_REPLICAS=2) running under every later test.
+@pytest.fixture(scope="module")
 def fleet(base_model_dir: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """2 vLLM replicas and 2 gateways on consecutive ports, the test alias's v1 champion, two tiny documents."""
     from components import registry
