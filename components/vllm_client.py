@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,18 +44,18 @@ def detail(response: httpx.Response) -> str:
 
 def first_vllm_url(settings: Settings) -> str:
     """The first vLLM server of ``settings`` as a plain URL: a ``dns+http://NAME:PORT`` entry (the gateway's
-    discovery form) becomes its name's first address, for callers that need one server (the gate, benches)."""
-    url = settings.vllm_endpoints[0]
-    if not url.startswith("dns+"):
-        return url
-    parts = urlsplit(url.removeprefix("dns+"))
+    discovery form, parsed by serving.discovery) becomes its name's first address, for callers that need one
+    server (the gate, benches)."""
+    from serving.discovery import parse_entry
+
+    entry = parse_entry(settings.vllm_endpoints[0])
+    if not entry.dns:
+        return entry.raw
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(entry.host, entry.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise ConfigError(f"TANDEM_VLLM_URLS entry {url!r}: {parts.hostname} does not resolve ({exc})") from exc
-    address = str(infos[0][4][0])
-    host = f"[{address}]" if ":" in address else address
-    return f"{parts.scheme}://{host}:{parts.port}"
+        raise ConfigError(f"TANDEM_VLLM_URLS entry {entry.raw!r}: {entry.host} does not resolve ({exc})") from exc
+    return entry.url(str(infos[0][4][0]))
 
 
 class VllmClient:
