@@ -41,6 +41,10 @@ T = TypeVar("T")
 
 # Versions in these states are unloaded once drained; candidates are left alone (evaluation may use them).
 UNWANTED = ("retired", "rejected", "failed", "rolled_back")
+# While a wanted version is missing on a healthy replica (another gateway holds the replica's lock and is loading
+# it), look again after this long, doubling up to the reconcile interval, rather than keep the old route a whole
+# interval: a gateway that reconciles rarely still switches as soon as the version is loaded.
+CATCH_UP_FIRST_S = 0.25
 
 
 @dataclass
@@ -91,6 +95,8 @@ class Reconciler:
         self.wake = asyncio.Event()
         self.first_round = asyncio.Event()  # set after the first round, ok or not
         self._replica_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one actor per replica here
+        self._catch_up_s = CATCH_UP_FIRST_S
+        self._missing: frozenset[str] = frozenset()
 
     # ---- vLLM, off the event loop -------------------------------------------------------------------------
     def client(self, replica: Replica) -> VllmClient:
@@ -264,6 +270,17 @@ class Reconciler:
                 m.RECONCILE_REPLICA_SKIPPED.labels(replica=replica.url).inc()
         self.routes.apply(desired.generation, desired.champions, desired.aliases, failures)
         m.RECONCILE_RUNS.labels(result="ok").inc()
+        self._catch_up(desired)
+
+    def _catch_up(self, desired: Desired) -> None:
+        """Schedule an early round while a wanted version is missing on a healthy replica (see CATCH_UP_FIRST_S)."""
+        healthy = [r for r in self.pool.replicas if r.healthy]
+        missing = frozenset(av.served_name for av in desired.wanted for r in healthy if av.served_name not in r.loaded)
+        if missing != self._missing:  # something new is awaited (or nothing is): start the backoff again
+            self._missing, self._catch_up_s = missing, CATCH_UP_FIRST_S
+        if missing and self._catch_up_s < self.settings.reconcile_interval_s:
+            self.wake_after(self._catch_up_s)
+            self._catch_up_s *= 2
 
     async def run(self) -> None:
         """Reconcile now and every ``reconcile_interval_s`` (sooner when woken: a replica lost an adapter, a drain
