@@ -122,12 +122,16 @@ def _wait_for_run(base: str, password: str, source: str, timeout_s: float = 600.
     deadline = time.monotonic() + timeout_s
     run: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        runs = httpx.get(
-            f"{base}/api/v2/dags/ingest_documents/dagRuns",
-            params={"order_by": "-start_date", "limit": 20},
-            headers=headers,
-            timeout=10,
-        ).json()["dag_runs"]
+        try:
+            runs = httpx.get(
+                f"{base}/api/v2/dags/ingest_documents/dagRuns",
+                params={"order_by": "-start_date", "limit": 20},
+                headers=headers,
+                timeout=30,
+            ).json()["dag_runs"]
+        except httpx.TimeoutException:  # the API server shares 2 cores with the running task: ask again
+            time.sleep(3)
+            continue
         run = next((r for r in runs if (r.get("conf") or {}).get("source") == source), {})
         if run.get("state") in ("success", "failed"):
             return run

@@ -135,7 +135,10 @@ def eval_adapter(base_model_dir: str, pg_url: str, tmp_path_factory: pytest.Temp
     return version.version
 
 
-@pytest.fixture(scope="session")
+# Module scope: this gateway listens on the session's TANDEM_GATEWAY_PORT, and a session-scoped one outlived the
+# evaluation tests, so later tests that start "the gateway" (the fleet, Alertmanager, the CLI's promote) found
+# this one already up and talked to it instead.
+@pytest.fixture(scope="module")
 def eval_gateway(vllm_server: str, eval_index: str, eval_adapter: int) -> Iterator[str]:
     """The gateway (serving.app) on the session's gateway port, once the adapter is loaded into vLLM."""
     import threading

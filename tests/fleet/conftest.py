@@ -155,6 +155,9 @@ def fleet(base_model_dir: str, pg_url: str, tmp_path_factory: pytest.TempPathFac
         if msg == "starting":
             started.append(name)
 
+    # A gateway some earlier fixture left on these ports would be taken for one of ours ("already up").
+    taken = [s.name for s in manager.status(settings, ["gateway"]) if s.state != "down"]
+    assert not taken, f"{', '.join(taken)} already running before the fleet test: an earlier fixture outlived its tests"
     try:
         items = manager.up(settings, only=["postgres", "vllm", "gateway"], on_event=event)
         urls = {i.name: i.url.removesuffix("/v1") for i in items}

@@ -225,8 +225,10 @@ def test_two_promotions_of_one_alias_at_once_leave_one_champion(fleet: Fleet) ->
 
     def cli_side() -> None:
         barrier.wait()
-        try:  # the session's TANDEM_GATEWAY_PORT has no gateway: the CLI goes straight to the registry
-            outcomes["cli"] = promotion.promote(get_settings(), ALIAS, via_cli, reason="race")
+        # pointed at a port with no gateway, so the CLI takes its own path: the alias lock and the registry
+        cli_settings = get_settings().model_copy(update={"gateway_port": _free_port()})
+        try:
+            outcomes["cli"] = promotion.promote(cli_settings, ALIAS, via_cli, reason="race")
         except TandemError as exc:
             outcomes["cli"] = exc
 
