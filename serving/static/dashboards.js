@@ -73,8 +73,9 @@ function panelState(el, state, detail = "") {
   problem.textContent = state === "error" ? detail : "";
 }
 
-// Prometheus's own message for a failing query (the plugin only says "Failed to fetch data").
-async function explain(el, exprs) {
+// Prometheus's own message for a failing query (the plugin only says "Failed to fetch data"). The panel stays
+// "loading" until the message is known, so whoever reads data-state never sees the plugin's vaguer one.
+async function explain(el, exprs, fallback) {
   for (const query of exprs) {
     try {
       const body = new URLSearchParams({ query });
@@ -88,7 +89,7 @@ async function explain(el, exprs) {
       return panelState(el, "error", `${query}: ${e.message}`);
     }
   }
-  panelState(el, "error", "the query failed (see the browser console)");
+  panelState(el, "error", `${fallback} (see the browser console)`);
 }
 
 // Reads the datasource plugin's state after each draw and mirrors it on the panel element.
@@ -99,7 +100,10 @@ const statePlugin = {
     const el = chart.canvas.closest(".panel");
     if (!st || st.loading || !el) return;
     if (st.error) {
-      if (el.dataset.state !== "error") { panelState(el, "error", st.error); explain(el, el._exprs); }
+      if (el.dataset.state !== "error" && !el._explaining) {
+        el._explaining = true;
+        explain(el, el._exprs, st.error).finally(() => { el._explaining = false; });
+      }
       return;
     }
     let points = 0;
