@@ -7,9 +7,11 @@ trains each alias its triggering events name (several events, several aliases: t
 gated and promoted each on its own), else the `alias` Param. A promotion updates Asset("tandem://adapters/
 promoted") with that alias and version, which starts dags/evaluate_hybrid.py for it.
 
-Each task calls one function of components.training.pipeline (the same code `tandem train` runs); nothing
-heavy is imported here. The `data` Param only supplies training examples: the gate asks the alias's held-out
-set, fixed at its first training (a new version only through `tandem train --new-heldout`, never from here).
+Each task calls one function of components.training.pipeline (the same code `tandem train` runs) and hands the
+next one its typed result as a dict (``to_dict``; the next task rebuilds it with ``from_dict``, which refuses a
+field it does not know); nothing heavy is imported here. The `data` Param only supplies training examples: the
+gate asks the alias's held-out set, fixed at its first training (a new version only through
+`tandem train --new-heldout`, never from here).
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ def check_new_data(aliases: list[str]) -> list[dict[str, Any]]:
     due = []
     for alias in aliases:
         result = check(get_settings(), alias=alias, data=data, force=bool(params["force"]))
-        print(f"{alias}: {result['reason']}")
-        if result["should_train"]:
-            due.append(result)
+        print(f"{alias}: {result.reason}")
+        if result.should_train:
+            due.append(result.to_dict())
     return due
 
 
@@ -81,9 +83,10 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     from components.training.pipeline import train_candidate
 
     data = _params()["data"] or None
-    return train_candidate(
+    trained = train_candidate(
         get_settings(), alias=job["alias"], data=data, overrides=job["overrides"], progress=lambda e: print(e)
     )
+    return trained.to_dict()
 
 
 @task
@@ -91,37 +94,50 @@ def pick_best(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per alias, the sweep point with the lowest validation loss, registered as a candidate."""
     from components.training.pipeline import pick_best as best_of
     from components.training.pipeline import register_candidate
+    from components.training.results import TrainedCandidate
 
-    by_alias: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        by_alias.setdefault(result["alias"], []).append(result)
-    return [register_candidate(get_settings(), best_of(runs)) for runs in by_alias.values()]
+    by_alias: dict[str, list[TrainedCandidate]] = {}
+    for result in map(TrainedCandidate.from_dict, results):
+        by_alias.setdefault(result.alias, []).append(result)
+    return [register_candidate(get_settings(), best_of(runs)).to_dict() for runs in by_alias.values()]
 
 
 @task(max_active_tis_per_dagrun=1)  # each gate loads its candidate and champion into the same vLLM
 def evaluate_gate(candidate: dict[str, Any]) -> dict[str, Any]:
     from components.training.pipeline import evaluate_gate as gate
+    from components.training.results import GatedCandidate, RegisteredCandidate
 
-    result = gate(get_settings(), candidate["alias"], candidate["version"], _params()["data"] or None)
-    return {**candidate, "gate": result}
+    registered = RegisteredCandidate.from_dict(candidate)
+    result = gate(get_settings(), registered.alias, registered.version, _params()["data"] or None)
+    return GatedCandidate(candidate=registered, gate=result).to_dict()
 
 
 @task
 def promote_or_reject(gated: dict[str, Any]) -> dict[str, Any]:
     """Promotes a candidate that passed; a rejection is recorded in the registry and reported."""
     from components.training.pipeline import promote_or_reject as decide
+    from components.training.results import GatedCandidate
 
-    outcome = decide(get_settings(), gated["alias"], gated["version"], gated["gate"])
+    handed = GatedCandidate.from_dict(gated)
+    outcome = decide(get_settings(), handed.candidate.alias, handed.candidate.version, handed.gate)
     print(outcome)
-    return outcome
+    return outcome.to_dict()
 
 
 @task(outlets=[PROMOTED])
 def announce_promotion(outcome: dict[str, Any], **context: Any) -> None:
     """Updates the promoted-adapter asset with the alias and version promoted; skipped for a rejection."""
-    if not outcome["promoted"]:
-        raise AirflowSkipException(f"{outcome['alias']} v{outcome['version']} was not promoted: {outcome['reason']}")
-    context["outlet_events"][PROMOTED].extra = {k: outcome[k] for k in ("alias", "version", "served_name")}
+    from components.training.results import Decision
+
+    decision = Decision.from_dict(outcome)
+    if not decision.promoted or decision.promotion is None:
+        raise AirflowSkipException(f"{decision.alias} v{decision.version} was not promoted: {decision.reason}")
+    done = decision.promotion
+    context["outlet_events"][PROMOTED].extra = {
+        "alias": done.alias,
+        "version": done.version,
+        "served_name": done.served_name,
+    }
 
 
 @dag(

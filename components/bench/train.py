@@ -128,13 +128,13 @@ def new_data_to_serving(settings: Settings, data: str, steps: int) -> dict[str, 
         cand = pipeline.register_candidate(settings, pipeline.pick_best([trained]))
         stages["register"] = time.monotonic() - t
         t = time.monotonic()
-        gate = pipeline.evaluate_gate(settings, ALIAS, cand["version"], str(folder))
+        gate = pipeline.evaluate_gate(settings, ALIAS, cand.version, str(folder))
         stages["gate"] = time.monotonic() - t
         t = time.monotonic()
-        forced = not gate["promote"]
-        done = promote(settings, ALIAS, cand["version"], reason="bench", force=forced)
+        forced = not gate.promote
+        done = promote(settings, ALIAS, cand.version, reason="bench", force=forced)
         stages["promote"] = time.monotonic() - t
-        via, first = _first_answer(settings, ALIAS, cand["served_name"])
+        via, first = _first_answer(settings, ALIAS, cand.served_name)
         stages["first_answer"] = first
         total = time.monotonic() - t0
     finally:
@@ -142,12 +142,12 @@ def new_data_to_serving(settings: Settings, data: str, steps: int) -> dict[str, 
     return {
         "total_s": round(total, 1),
         "stages_s": {k: round(v, 2) for k, v in stages.items()},
-        "examples": check["examples"],
+        "examples": check.examples,
         "gate_max_questions": settings.gate_max_questions,
         "steps": steps,
         "gate_promoted": not forced,
-        "gate_reasons": gate["reasons"],
-        "gate_questions": gate["counts"],
+        "gate_reasons": gate.reasons,
+        "gate_questions": gate.counts,
         "promoted_via": done.via,
         "served_via": via,
     }

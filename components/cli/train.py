@@ -78,24 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     new_heldout_by = getpass.getuser() if args.new_heldout else None
     result = retrain(settings, alias, args.data, args.force, sweep, progress, new_heldout_by)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return 0
-    check = result["check"]
+    check = result.check
     print(
-        f"data: {check['examples']} examples ({check['new_examples']} new, {check['duplicates']} duplicates, "
-        f"{check['bad_lines']} bad lines), dataset {check['dataset_version']}"
+        f"data: {check.examples} examples ({check.new_examples} new, {check.duplicates} duplicates, "
+        f"{check.bad_lines} bad lines), dataset {check.dataset_version}"
     )
-    for problem in check["problems"][:5]:
+    for problem in check.problems[:5]:
         print(f"  skipped {problem}")
-    if not result["trained"]:
-        print(f"nothing to do: {check['reason']} (use --force to train anyway)")
+    if not result.trained or result.training is None or result.candidate is None or result.gate is None:
+        print(f"nothing to do: {check.reason} (use --force to train anyway)")
         return 0
-    t = result["training"]
+    trained, run = result.training, result.training.run
     print(
-        f"trained {result['candidate']['served_name']}: {t['global_step']} steps, val_loss {t['best_val_loss']}, "
-        f"{t['tokens_per_s']} tokens/s on {t['device']}"
+        f"trained {result.candidate.served_name}: {run.global_step} steps, val_loss {run.best_val_loss}, "
+        f"{run.tokens_per_s} tokens/s on {run.device}"
     )
-    rendering = t.get("rendering") or {}
+    rendering = trained.rendering
     if rendering.get("with_sources"):
         index = rendering.get("index") or {}
         print(
@@ -104,31 +104,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         for problem in rendering.get("left_out", [])[:5]:
             print(f"  left out {problem}")
-    contaminated = t.get("contaminated") or []
-    if contaminated:
-        print(f"dropped {len(contaminated)} training examples the gate asks:")
-        for problem in contaminated[:5]:
+    if trained.contaminated:
+        print(f"dropped {len(trained.contaminated)} training examples the gate asks:")
+        for problem in trained.contaminated[:5]:
             print(f"  {problem}")
-    gate = result["gate"]
-    held = gate.get("heldout") or {}
+    gate = result.gate
+    held = gate.heldout
     print(
-        f"gate vs {gate['baseline_model']} ({gate.get('seconds', 0):.0f} s), held-out set v{held.get('version')} "
+        f"gate vs {gate.baseline_model} ({gate.seconds:.0f} s), held-out set v{held.get('version')} "
         f"({held.get('size')} questions):"
     )
-    for c in gate.get("comparisons", []):
+    for c in gate.comparisons:
         print(
             f"  {c['name']:<16} {c['candidate']:.3f} vs {c['baseline']:.3f} on {c['n']:>3}  "
             f"diff {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  p={c['p']:.3g}  ({c['against']})"
         )
-    if result["promoted"]:
-        print(f"promoted {result['served_name']} via {result['via']}: {result['reason'].split('; ')[0]}")
+    decision = result.decision
+    reason = decision.reason.split("; ")[0] if decision else ""
+    if decision is not None and decision.promotion is not None:
+        print(f"promoted {decision.promotion.served_name} via {decision.promotion.via}: {reason}")
     else:
-        print(f"rejected: {result['reason'].split('; ')[0]}")
-        for name, lost in gate.get("regressions", {}).items():
+        print(f"rejected: {reason}")
+        for name, lost in gate.regressions.items():
             for q in lost[:3]:
                 expected, got = q["reference"][:40], q["candidate"][:80]
                 print(f"  lost on {name}: {q['question'][:80]!r} expected {expected!r}, got {got!r}")
-        print(f"override by hand only with: tandem promote {alias} {result['version']} --force")
+        print(f"override by hand only with: tandem promote {alias} {result.candidate.version} --force")
     return 0
 
 
@@ -191,7 +192,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     reason = f"promoted by hand by {getpass.getuser()}"
     result = promote(get_settings(), args.alias, args.version, reason=reason, force=args.force)
-    print_json(result.as_dict()) if args.json else print(f"{result.served_name} is champion ({result.note})")
+    print_json(result.to_dict()) if args.json else print(f"{result.served_name} is champion ({result.note})")
     return 0
 
 
@@ -199,5 +200,5 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from components.training.promotion import rollback
 
     result = rollback(get_settings(), args.alias)
-    print_json(result.as_dict()) if args.json else print(f"rolled back to {result.served_name} ({result.note})")
+    print_json(result.to_dict()) if args.json else print(f"rolled back to {result.served_name} ({result.note})")
     return 0

@@ -24,10 +24,11 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, normalize
+from components.records import Record
 from components.settings import Settings
 from components.training.data import Example
 from components.training.vllm_client import VllmClient
@@ -67,7 +68,7 @@ class Comparison:
 
 
 @dataclass
-class GateResult:
+class GateResult(Record):
     promote: bool
     reasons: list[str]
     candidate: dict[str, float] = field(default_factory=dict)
@@ -81,9 +82,7 @@ class GateResult:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     heldout: dict[str, Any] = field(default_factory=dict)  # the held-out set version it was judged on
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    staged: bool = False  # a passing candidate already loaded and warmed on every replica
 
 
 def reference_hit(prediction: str, reference: str, short: bool) -> bool:

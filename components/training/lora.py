@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError
+from components.records import Record
 from components.settings import Settings
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -75,7 +76,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(Record):
     adapter_dir: str
     lora_rank: int
     global_step: int

@@ -1,7 +1,8 @@
-"""The retraining pipeline as plain functions over JSON-able dicts: the DAG's tasks and `tandem train` run these.
+"""The retraining pipeline as plain functions: the DAG's tasks, the Kubeflow steps and `tandem train` run these.
 
 check_new_data -> train_candidate (once, or once per sweep point) -> pick_best -> register_candidate
--> evaluate_gate -> promote_or_reject. The gate asks the alias's fixed held-out set (``heldout``), never
+-> evaluate_gate -> promote_or_reject. Each step returns a typed record (``components.training.results``) whose
+``to_dict`` is what crosses a task boundary. The gate asks the alias's fixed held-out set (``heldout``), never
 questions drawn from the run's ``data``.
 """
 
@@ -14,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ from components.training.gate import (
 )
 from components.training.lora import ProgressFn, TrainConfig, train_adapter
 from components.training.promotion import promote, stage
+from components.training.results import (
+    DataCheck,
+    Decision,
+    RegisteredCandidate,
+    RetrainResult,
+    TrainedCandidate,
+)
 from components.training.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,7 @@ def _snapshot(ds: Dataset) -> dict[str, Any] | None:
     return snap.lineage() if snap is not None else None
 
 
-def check_new_data(settings: Settings, alias: str, data: str | None = None, force: bool = False) -> dict[str, Any]:
+def check_new_data(settings: Settings, alias: str, data: str | None = None, force: bool = False) -> DataCheck:
     """How many examples are new beyond the champion's dataset, and whether that is enough to train."""
     ds = _load(settings, alias, data)
     with connect(settings) as conn:
@@ -81,20 +89,20 @@ def check_new_data(settings: Settings, alias: str, data: str | None = None, forc
         reason = f"{new} new examples (at least {settings.min_new_examples} needed)"
     else:
         reason = f"only {new} new examples beyond the champion's dataset; {settings.min_new_examples} needed"
-    return {
-        "alias": alias,
-        "data": ds.location,
-        "dataset_version": ds.version,
-        "snapshot": _snapshot(ds),
-        "examples": len(ds.examples),
-        "duplicates": ds.duplicates,
-        "bad_lines": len(ds.problems),
-        "problems": ds.problems[:20],
-        "new_examples": new,
-        "champion_version": champion.version if champion else None,
-        "should_train": force or enough,
-        "reason": reason,
-    }
+    return DataCheck(
+        alias=alias,
+        data=ds.location,
+        dataset_version=ds.version,
+        snapshot=_snapshot(ds),
+        examples=len(ds.examples),
+        duplicates=ds.duplicates,
+        bad_lines=len(ds.problems),
+        problems=ds.problems[:20],
+        new_examples=new,
+        champion_version=champion.version if champion else None,
+        should_train=force or enough,
+        reason=reason,
+    )
 
 
 def sweep_points(learning_rates: list[float] | None = None, ranks: list[int] | None = None) -> list[dict[str, Any]]:
@@ -124,7 +132,7 @@ def train_candidate(
     overrides: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
     callbacks: tuple[Any, ...] = (),
-) -> dict[str, Any]:
+) -> TrainedCandidate:
     """Train one adapter; its run folder is named by the rendered data and config, so a rerun resumes it."""
     from components.models import base_model_path
 
@@ -171,22 +179,22 @@ def train_candidate(
         "rendering": rendering,
     }
     Path(result.adapter_dir, artifacts.MANIFEST).write_text(json.dumps(manifest))
-    return {
-        **asdict(result),
-        "run_id": run_id,
-        "alias": alias,
-        "data": ds.location,
-        "dataset_version": ds.version,
-        "dataset_size": len(ds.examples),
-        "snapshot": _snapshot(ds),
-        "n_test": len(held.examples),
-        "heldout": held.lineage(),
-        "contaminated": contaminated,
-        "rendering": {k: v for k, v in rendering.items() if k != "grounding"},  # the manifest keeps the examples
-        "replay": {"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
+    return TrainedCandidate(
+        run_id=run_id,
+        alias=alias,
+        data=ds.location,
+        dataset_version=ds.version,
+        dataset_size=len(ds.examples),
+        snapshot=_snapshot(ds),
+        n_test=len(held.examples),
+        heldout=held.lineage(),
+        contaminated=contaminated,
+        rendering={k: v for k, v in rendering.items() if k != "grounding"},  # the manifest keeps the examples
+        replay={"data": replay.location, "version": replay.version, "examples": len(replay.examples)}
         if replay
         else None,
-    }
+        run=result,
+    )
 
 
 def training_conversations(
@@ -278,32 +286,29 @@ def load_replay(settings: Settings, exclude: Iterable[str] = ()) -> Dataset | No
     return replay
 
 
-def pick_best(results: list[dict[str, Any]]) -> dict[str, Any]:
+def pick_best(results: list[TrainedCandidate]) -> TrainedCandidate:
     """The sweep point with the lowest validation loss (the first one when none has a validation loss)."""
     if not results:
         raise ConfigError("no training run finished: nothing to pick from")
 
-    def key(r: dict[str, Any]) -> float:
-        loss = r.get("best_val_loss")
+    def key(r: TrainedCandidate) -> float:
+        loss = r.run.best_val_loss
         return math.inf if loss is None or math.isnan(loss) else float(loss)
 
-    best = dict(sorted(results, key=key)[0])
-    best["sweep"] = [
-        {"config": r["config"], "best_val_loss": r.get("best_val_loss"), "run_id": r["run_id"]} for r in results
-    ]
-    return best
+    sweep = [{"config": r.run.config, "best_val_loss": r.run.best_val_loss, "run_id": r.run_id} for r in results]
+    return replace(sorted(results, key=key)[0], sweep=sweep)
 
 
-def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str, Any]:
+def register_candidate(settings: Settings, trained: TrainedCandidate) -> RegisteredCandidate:
     """Publish the adapter to the store and record it as a candidate; returns its version and location."""
     from components.models import base_model_path
 
-    alias = trained["alias"]
-    uri = artifacts.artifact_uri(settings, alias, trained["run_id"])
-    artifacts.publish(Path(trained["adapter_dir"]), uri)
-    metrics = {
+    alias, run = trained.alias, trained.run
+    uri = artifacts.artifact_uri(settings, alias, trained.run_id)
+    artifacts.publish(Path(run.adapter_dir), uri)
+    metrics: dict[str, dict[str, Any]] = {
         "training": {
-            k: trained.get(k)
+            k: getattr(run, k)
             for k in (
                 "best_val_loss",
                 "val_losses",
@@ -317,37 +322,37 @@ def register_candidate(settings: Settings, trained: dict[str, Any]) -> dict[str,
                 "device",
                 "n_train",
                 "n_validation",
-                "n_test",
                 "truncated",
             )
         }
     }
-    metrics["training"]["n_contaminated"] = len(trained.get("contaminated", []))
+    metrics["training"]["n_test"] = trained.n_test
+    metrics["training"]["n_contaminated"] = len(trained.contaminated)
     hyper = {
-        **trained["config"],
-        "sweep": trained.get("sweep", []),
-        "replay": trained.get("replay"),
-        "rendering": trained.get("rendering"),
-        "heldout": trained.get("heldout"),
-        "contaminated": trained.get("contaminated", [])[:50],
-        "data": {"location": trained.get("data"), "snapshot": trained.get("snapshot")},
+        **run.config,
+        "sweep": trained.sweep,
+        "replay": trained.replay,
+        "rendering": trained.rendering,
+        "heldout": trained.heldout,
+        "contaminated": trained.contaminated[:50],
+        "data": {"location": trained.data, "snapshot": trained.snapshot},
     }
     with connect(settings) as conn:
         version = registry.register_candidate(
             conn,
             alias=alias,
             base_model=settings.base_model or base_model_path(settings),
-            dataset_version=trained["dataset_version"],
-            dataset_size=trained["dataset_size"],
+            dataset_version=trained.dataset_version,
+            dataset_size=trained.dataset_size,
             hyperparameters=hyper,
             metrics=metrics,
             artifact_uri=uri,
-            lora_rank=trained["lora_rank"],
+            lora_rank=run.lora_rank,
         )
-    return {"alias": alias, "version": version.version, "served_name": version.served_name, "artifact_uri": uri}
+    return RegisteredCandidate(alias=alias, version=version.version, served_name=version.served_name, artifact_uri=uri)
 
 
-def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None = None) -> dict[str, Any]:
+def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None = None) -> GateResult:
     """Ask the candidate and the champion (or base model) the same questions through vLLM and decide on the
     paired outcomes (``components.training.gate``).
 
@@ -365,7 +370,7 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
         if too_big:
             result = GateResult(False, [too_big])
             _record(conn, alias, version, result)
-            return result.as_dict()
+            return result
         held = heldout.ensure(conn, settings, alias, data)
         retriever = make_retriever(settings, conn) if settings.train_with_sources else None
         sets, notes = build_question_sets(settings, held.examples, retriever)
@@ -382,10 +387,9 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
                 _unload(client, cand.served_name)
     with connect(settings) as conn:
         _record(conn, alias, version, result)
-    out = result.as_dict()
     if passed:
-        out["staged"] = _stage(settings, alias, version)
-    return out
+        result.staged = _stage(settings, alias, version)
+    return result
 
 
 def _score(
@@ -446,7 +450,7 @@ def _stage(settings: Settings, alias: str, version: int) -> bool:
 
 
 def _record(conn: Any, alias: str, version: int, result: GateResult) -> None:
-    metrics = {"gate": result.as_dict()}
+    metrics = {"gate": result.to_dict()}
     if result.promote:
         registry.set_status(conn, alias, version, "candidate", reason="passed the gate", metrics=metrics)
     else:
@@ -454,12 +458,13 @@ def _record(conn: Any, alias: str, version: int, result: GateResult) -> None:
     conn.commit()
 
 
-def promote_or_reject(settings: Settings, alias: str, version: int, gate: dict[str, Any]) -> dict[str, Any]:
+def promote_or_reject(settings: Settings, alias: str, version: int, gate: GateResult) -> Decision:
     """Promote a candidate that passed the gate (through the gateway when it is up); report either way."""
-    if not gate.get("promote"):
-        return {"alias": alias, "version": version, "promoted": False, "reason": "; ".join(gate.get("reasons", []))}
-    done = promote(settings, alias, version, reason="; ".join(gate.get("reasons", [])))
-    return {**done.as_dict(), "promoted": True, "reason": "; ".join(gate.get("reasons", []))}
+    reason = "; ".join(gate.reasons)
+    if not gate.promote:
+        return Decision(alias=alias, version=version, promoted=False, reason=reason)
+    done = promote(settings, alias, version, reason=reason)
+    return Decision(alias=alias, version=version, promoted=True, reason=reason, promotion=done)
 
 
 def retrain(
@@ -470,7 +475,7 @@ def retrain(
     sweep: list[dict[str, Any]] | None = None,
     progress: ProgressFn | None = None,
     new_heldout_by: str | None = None,
-) -> dict[str, Any]:
+) -> RetrainResult:
     """The whole pipeline in one process (what `tandem train` runs); same functions as the DAG's tasks.
 
     ``new_heldout_by`` (the admin action `tandem train --new-heldout`, with who asked) first draws a new version
@@ -483,17 +488,16 @@ def retrain(
         if progress is not None:
             progress({"message": f"held-out set of {alias}: v{renewed['version']} ({renewed['size']} questions)"})
     check = check_new_data(settings, alias, data, force)
-    if renewed is not None:
-        check["heldout"] = renewed
-    if not check["should_train"]:
-        return {"check": check, "trained": False}
+    check.heldout = renewed
+    if not check.should_train:
+        return RetrainResult(check=check, trained=False)
     runs = [train_candidate(settings, alias, data, point, progress) for point in (sweep or [{}])]
     best = pick_best(runs)
     candidate = register_candidate(settings, best)
     if progress is not None:
-        progress({"message": f"{alias} v{candidate['version']} registered; gate: scoring it and the champion"})
-    gate = evaluate_gate(settings, alias, candidate["version"], data)
+        progress({"message": f"{alias} v{candidate.version} registered; gate: scoring it and the champion"})
+    gate = evaluate_gate(settings, alias, candidate.version, data)
     if progress is not None:
-        progress({"message": f"gate: {'promote' if gate.get('promote') else 'reject'}"})
-    outcome = promote_or_reject(settings, alias, candidate["version"], gate)
-    return {"check": check, "trained": True, "candidate": candidate, "training": best, "gate": gate, **outcome}
+        progress({"message": f"gate: {'promote' if gate.promote else 'reject'}"})
+    decision = promote_or_reject(settings, alias, candidate.version, gate)
+    return RetrainResult(check=check, trained=True, training=best, candidate=candidate, gate=gate, decision=decision)

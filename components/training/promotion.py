@@ -11,7 +11,7 @@ gate-rejected version needs force) are ``components.adapter_rules``, the same on
 from __future__ import annotations
 
 import getpass
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,21 +20,19 @@ from components import adapter_rules, registry
 from components.db import connect
 from components.errors import ServiceError
 from components.keys import admin_secret, bearer
+from components.records import Record
 from components.settings import Settings
 
 MAX_REASON = 500  # the gateway's admin API takes at most this many characters
 
 
 @dataclass
-class PromotionResult:
+class PromotionResult(Record):
     alias: str
     version: int
     served_name: str
     via: str  # "gateway" or "registry"
     note: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def local_actor() -> str:

@@ -63,8 +63,8 @@ def check_new_data_step(alias: str, data: str, force: bool) -> NamedTuple(
     from components.training.pipeline import check_new_data
 
     report = check_new_data(get_settings(), alias=alias, data=data or None, force=force)
-    print(report["reason"])
-    return namedtuple("CheckOutputs", ["should_train", "report"])(bool(report["should_train"]), report)
+    print(report.reason)
+    return namedtuple("CheckOutputs", ["should_train", "report"])(report.should_train, report.to_dict())
 
 
 def sweep_points_step(learning_rates: list, ranks: list, max_steps: int) -> list:  # type: ignore[type-arg]
@@ -78,29 +78,36 @@ def train_candidate_step(alias: str, data: str, overrides: dict) -> dict:  # typ
     from components.settings import get_settings
     from components.training.pipeline import train_candidate
 
-    return train_candidate(get_settings(), alias=alias, data=data or None, overrides=overrides, progress=print)
+    return train_candidate(
+        get_settings(), alias=alias, data=data or None, overrides=overrides, progress=print
+    ).to_dict()
 
 
 def register_best_step(results: list) -> dict:  # type: ignore[type-arg]
     from components.settings import get_settings
     from components.training.pipeline import pick_best, register_candidate
+    from components.training.results import TrainedCandidate
 
-    return register_candidate(get_settings(), pick_best(list(results)))
+    return register_candidate(get_settings(), pick_best([TrainedCandidate.from_dict(r) for r in results])).to_dict()
 
 
 def evaluate_gate_step(candidate: dict, data: str) -> dict:  # type: ignore[type-arg]
     from components.settings import get_settings
     from components.training.pipeline import evaluate_gate
+    from components.training.results import GatedCandidate, RegisteredCandidate
 
-    gate = evaluate_gate(get_settings(), candidate["alias"], candidate["version"], data or None)
-    return {**candidate, "gate": gate}
+    registered = RegisteredCandidate.from_dict(candidate)
+    gate = evaluate_gate(get_settings(), registered.alias, registered.version, data or None)
+    return GatedCandidate(candidate=registered, gate=gate).to_dict()
 
 
 def promote_or_reject_step(gated: dict) -> dict:  # type: ignore[type-arg]
     from components.settings import get_settings
     from components.training.pipeline import promote_or_reject
+    from components.training.results import GatedCandidate
 
-    return promote_or_reject(get_settings(), gated["alias"], gated["version"], gated["gate"])
+    handed = GatedCandidate.from_dict(gated)
+    return promote_or_reject(get_settings(), handed.candidate.alias, handed.candidate.version, handed.gate).to_dict()
 
 
 def _wire(task: Any, gpu: bool = False) -> Any:

@@ -228,14 +228,14 @@ def test_the_pipeline_trains_on_the_alias_snapshot_and_an_explicit_path_as_befor
     settings = get_settings()
     _write(tmp_path / "landing" / "trains" / "x.jsonl", [chat_line(q, a) for q, a in FACTS[:5]])
     check = pipeline.check_new_data(settings, "trains")
-    assert check["data"] == "domain_snapshots:trains:v1" and check["examples"] == 5 and check["should_train"]
-    assert check["snapshot"]["version"] == 1 and check["snapshot"]["size"] == 5
-    assert check["dataset_version"] == check["snapshot"]["hash"]
+    assert check.data == "domain_snapshots:trains:v1" and check.examples == 5 and check.should_train
+    assert check.snapshot is not None and check.snapshot["version"] == 1 and check.snapshot["size"] == 5
+    assert check.dataset_version == check.snapshot["hash"]
     with connect() as conn:
         assert intake.snapshot(conn, "trains").version == 1  # unchanged: the same version
     path = _write(tmp_path / "elsewhere.jsonl", GOOD)
     direct = pipeline.check_new_data(settings, "trains", data=str(path))
-    assert direct["data"] == str(path) and direct["snapshot"] is None and direct["examples"] == 3
+    assert direct.data == str(path) and direct.snapshot is None and direct.examples == 3
 
 
 def test_any_fsspec_url_is_a_landing_location(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

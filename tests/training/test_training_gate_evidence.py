@@ -49,16 +49,16 @@ def test_gate_rejects_a_real_general_knowledge_loss_and_promotes_without_one(
     domain = [{"question": q, "answer": a} for q, a in FACTS]
     data = _write(train_env / "damaging" / "examples.jsonl", [*damaging, *domain])
     result = pipeline.retrain(gate_env, "damaged", data=data, force=True)
-    gate = result["gate"]
-    assert result["trained"] and not gate["promote"] and not result["promoted"]
-    assert gate["reasons"][0].startswith("significant loss: general vs the base model"), gate["reasons"]
-    general = next(c for c in gate["comparisons"] if c["name"] == "general")
+    gate = result.gate
+    assert result.trained and gate is not None and not gate.promote and not result.promoted
+    assert gate.reasons[0].startswith("significant loss: general vs the base model"), gate.reasons
+    general = next(c for c in gate.comparisons if c["name"] == "general")
     assert general["n"] == 30 and general["p"] < 0.05 and general["high"] < 0
 
     # The same domain facts without the damaging examples: no significant general loss, so it is promoted.
     data = _write(train_env / "benign" / "examples.jsonl", domain)
     result = pipeline.retrain(gate_env, "benign", data=data, force=True)
-    gate = result["gate"]
-    assert gate["promote"] and result["promoted"], gate["reasons"]
-    general = next(c for c in gate["comparisons"] if c["name"] == "general")
+    gate = result.gate
+    assert gate is not None and gate.promote and result.promoted, gate
+    general = next(c for c in gate.comparisons if c["name"] == "general")
     assert not (general["diff"] < 0 and general["p"] < 0.05)

@@ -13,6 +13,7 @@ from components.db import connect
 from components.errors import ServiceError
 from components.settings import get_settings
 from components.training import pipeline
+from components.training.results import RetrainResult
 from components.training.vllm_client import VllmClient
 
 from .conftest import FACTS, chat_line, write_examples
@@ -22,7 +23,7 @@ ALIAS = "heldout"
 
 
 @pytest.fixture(scope="module")
-def first_run(train_env: Path, pg_url: str, vllm_server: str) -> dict[str, Any]:
+def first_run(train_env: Path, pg_url: str, vllm_server: str) -> RetrainResult:
     """The alias's first training: its held-out set (3 of FACTS at a fifth held out) is fixed here."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TANDEM_TRAIN_HELDOUT_FRACTION", "0.2")
@@ -30,13 +31,14 @@ def first_run(train_env: Path, pg_url: str, vllm_server: str) -> dict[str, Any]:
         write_examples(train_env / "domain" / ALIAS, FACTS)
         result = pipeline.retrain(get_settings(), ALIAS)
     get_settings.cache_clear()
-    assert result["trained"]
+    assert result.trained and result.gate is not None
     return result
 
 
-def test_a_runs_data_never_changes_what_the_gate_asks(first_run: dict[str, Any], train_env: Path) -> None:
-    held = first_run["gate"]["heldout"]
-    assert held["version"] == 1 and held["size"] == 3 and first_run["gate"]["counts"]["split"] == 3
+def test_a_runs_data_never_changes_what_the_gate_asks(first_run: RetrainResult, train_env: Path) -> None:
+    assert first_run.gate is not None
+    held = first_run.gate.heldout
+    assert held["version"] == 1 and held["size"] == 3 and first_run.gate.counts["split"] == 3
     # a run that brings the held-out questions (with answers to memorise) and questions of its own
     evil = train_env / "evil.jsonl"
     extra = [(f"What is the code of gate {n}?", f"Gate {n} has code {n * 7}.") for n in range(6)]
@@ -48,20 +50,21 @@ def test_a_runs_data_never_changes_what_the_gate_asks(first_run: dict[str, Any],
         second = pipeline.retrain(get_settings(), ALIAS, data=str(evil), force=True)
     get_settings.cache_clear()
 
-    gate = second["gate"]
-    assert gate["heldout"] == held  # same version, same content hash: judged on the questions fixed at first
-    assert gate["counts"]["split"] == 3
-    dropped = second["training"]["contaminated"]
+    assert second.gate is not None and second.training is not None and second.candidate is not None
+    gate = second.gate
+    assert gate.heldout == held  # same version, same content hash: judged on the questions fixed at first
+    assert gate.counts["split"] == 3
+    dropped = second.training.contaminated
     assert sum("(the held-out set)" in d for d in dropped) == 3  # every held-out question left out of training
     assert sum("(the QA set)" in d for d in dropped) == 3  # and the QA set's (FACTS[:3] in train_env)
     with connect() as conn:
-        row = registry.get_version(conn, ALIAS, second["candidate"]["version"])
+        row = registry.get_version(conn, ALIAS, second.candidate.version)
         sets = conn.execute("SELECT count(*) FROM gate_heldout_sets WHERE alias = %s", (ALIAS,)).fetchone()
     assert row.metrics["gate"]["heldout"]["version"] == 1 and row.hyperparameters["heldout"]["version"] == 1
     assert row.metrics["training"]["n_contaminated"] == len(dropped) and sets == (1,)
 
 
-def test_candidate_whose_scoring_fails_is_unloaded(first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_candidate_whose_scoring_fails_is_unloaded(first_run: RetrainResult, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = get_settings()
     with connect() as conn:
         trained = registry.get_version(conn, ALIAS, first_run["candidate"]["version"])

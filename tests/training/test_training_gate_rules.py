@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from components.evaluation.scoring import key_words
-from components.training.gate import Question, decide, paired_difference, reference_hit, regressions
+from components.training.gate import GateResult, Question, decide, paired_difference, reference_hit, regressions
+from components.training.lora import TrainResult
 from components.training.pipeline import pick_best, sweep_points
+from components.training.results import Decision, GatedCandidate, RegisteredCandidate, TrainedCandidate
 
 
 def test_reference_hit_short_and_long_answers() -> None:
@@ -68,13 +74,42 @@ def test_sweep_points_and_pick_best_by_validation_loss() -> None:
     assert sweep_points() == [{}]
     points = sweep_points([1e-4, 2e-4], [8])
     assert points == [{"learning_rate": 1e-4, "r": 8, "alpha": 16}, {"learning_rate": 2e-4, "r": 8, "alpha": 16}]
-    runs = [
-        {"run_id": "a", "config": {"learning_rate": 1e-4}, "best_val_loss": 2.0},
-        {"run_id": "b", "config": {"learning_rate": 2e-4}, "best_val_loss": 1.5},
-        {"run_id": "c", "config": {"learning_rate": 3e-4}, "best_val_loss": None},
-    ]
+    runs = [_trained("a", 1e-4, 2.0), _trained("b", 2e-4, 1.5), _trained("c", 3e-4, None)]
     best = pick_best(runs)
-    assert best["run_id"] == "b" and [s["run_id"] for s in best["sweep"]] == ["a", "b", "c"]
+    assert best.run_id == "b" and [s["run_id"] for s in best.sweep] == ["a", "b", "c"]
+    assert runs[1].sweep == []  # the picked run is a copy; the inputs stay as they were
+
+
+def _trained(run_id: str, lr: float, loss: float | None) -> TrainedCandidate:
+    """A finished run as train_candidate returns it (no training: only the fields pick_best and XCom read)."""
+    run = TrainResult(
+        adapter_dir=f"/runs/{run_id}", lora_rank=8, global_step=2, resumed_from_step=0, epochs_done=1.0,
+        train_loss=2.5, val_losses=[] if loss is None else [loss], best_val_loss=loss, stopped_early=False,
+        train_tokens=100, seconds=1.0, tokens_per_s=100.0, device="cpu", dtype="float32", n_train=4,
+        n_validation=1, truncated=0, config={"learning_rate": lr, "r": 8},
+    )  # fmt: skip
+    return TrainedCandidate(
+        run_id=run_id, alias="a", data="x.jsonl", dataset_version="d1", dataset_size=5, snapshot=None, n_test=2,
+        heldout={"version": 1}, contaminated=[], rendering={"with_sources": False}, replay=None, run=run,
+    )  # fmt: skip
+
+
+def test_what_crosses_xcom_comes_back_typed_and_a_wrong_shape_is_refused_in_one_line() -> None:
+    from components.training.promotion import PromotionResult
+
+    trained = pick_best([_trained("a", 1e-4, 2.0)])
+    wire = json.loads(json.dumps(trained.to_dict()))  # what XCom stores: JSON
+    back = TrainedCandidate.from_dict(wire)
+    assert back == trained and isinstance(back.run, TrainResult)
+    decision = Decision("a", 3, True, "better", PromotionResult("a", 3, "a-v3", "registry", "switched"))
+    assert Decision.from_dict(json.loads(json.dumps(decision.to_dict()))).promotion == decision.promotion
+    gated = GatedCandidate(RegisteredCandidate("a", 3, "a-v3", "file:///s/a/3"), GateResult(True, ["better"]))
+    assert GatedCandidate.from_dict(gated.to_dict()).gate.reasons == ["better"]
+    with pytest.raises(TypeError, match=r"^RegisteredCandidate: unexpected field\(s\) adapter_dir") as caught:
+        RegisteredCandidate.from_dict({**gated.candidate.to_dict(), "adapter_dir": "/x"})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(TypeError, match="GatedCandidate: expected a mapping of its fields, got list"):
+        GatedCandidate.from_dict([1, 2])  # type: ignore[arg-type]
 
 
 def test_regressions_list_what_the_candidate_lost_and_nothing_else() -> None:

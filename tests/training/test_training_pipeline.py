@@ -26,14 +26,17 @@ def champion(train_env: Path, pg_url: str, vllm_server: str) -> registry.Adapter
     settings = get_settings()
     data = write_examples(train_env / "domain" / ALIAS, FACTS[:8])
     result = pipeline.retrain(settings, ALIAS)
-    assert result["trained"] and result["check"]["new_examples"] == 8
-    assert result["candidate"]["artifact_uri"].startswith(settings.adapter_store_url)
-    assert data.exists() and result["training"]["global_step"] == 2
-    gate = result["gate"]
-    assert gate["baseline_model"] == settings.served_model_name  # no champion yet: against the base model
-    assert {"qa", "general", "main"} <= set(gate["candidate"])
-    version = result["candidate"]["version"]
-    if not result["promoted"]:  # two steps rarely beat the base model; promote by hand like `tandem promote`
+    assert result.trained and result.check.new_examples == 8
+    assert result.candidate is not None and result.training is not None and result.gate is not None
+    assert result.candidate.artifact_uri.startswith(settings.adapter_store_url)
+    assert data.exists() and result.training.run.global_step == 2
+    gate = result.gate
+    assert gate.baseline_model == settings.served_model_name  # no champion yet: against the base model
+    assert {"qa", "general", "main"} <= set(gate.candidate)
+    # what crosses XCom: the whole result to a dict and back, the nested records typed again
+    assert type(result).from_dict(result.to_dict()) == result
+    version = result.candidate.version
+    if not result.promoted:  # two steps rarely beat the base model; promote by hand like `tandem promote`
         with pytest.raises(ConfigError, match=r"rejected by the evaluation gate .* pass --force"):
             promotion.promote(settings, ALIAS, version, reason="test")
         done = promotion.promote(settings, ALIAS, version, reason="test", force=True)
@@ -70,8 +73,8 @@ def test_rerun_without_new_data_does_nothing(champion: registry.AdapterVersion) 
     with connect() as conn:
         before = len(registry.list_versions(conn, ALIAS))
     result = pipeline.retrain(settings, ALIAS)
-    assert result == {"check": result["check"], "trained": False}
-    assert result["check"]["new_examples"] == 0 and "0 new examples" in result["check"]["reason"]
+    assert not result.trained and result.candidate is None and result.decision is None
+    assert result.check.new_examples == 0 and "0 new examples" in result.check.reason
     with connect() as conn:
         assert len(registry.list_versions(conn, ALIAS)) == before
 
@@ -111,9 +114,9 @@ def test_corrupted_candidate_is_rejected_and_champion_keeps_serving(
     gate = pipeline.evaluate_gate(settings, ALIAS, worse.version)
     outcome = pipeline.promote_or_reject(settings, ALIAS, worse.version, gate)
 
-    assert not gate["promote"] and not outcome["promoted"]
-    assert gate["baseline_model"] == champion.served_name
-    assert gate["candidate"]["general"] < gate["baseline"]["general"]
+    assert not gate.promote and not outcome.promoted and outcome.promotion is None
+    assert gate.baseline_model == champion.served_name
+    assert gate.candidate["general"] < gate.baseline["general"]
     with connect() as conn:
         row = registry.get_version(conn, ALIAS, worse.version)
         assert row.status == "rejected" and row.reason and row.metrics["gate"]["reasons"]
@@ -134,7 +137,7 @@ def test_rank_over_the_limit_is_refused_before_promotion(champion: registry.Adap
     with pytest.raises(ConfigError, match="above the servers' max_lora_rank"):
         promotion.promote(settings, ALIAS, big.version)
     gate = pipeline.evaluate_gate(settings, ALIAS, big.version)
-    assert not gate["promote"] and "above the servers' max_lora_rank" in gate["reasons"][0]
+    assert not gate.promote and "above the servers' max_lora_rank" in gate.reasons[0]
     with VllmClient.for_settings(settings) as client:
         assert big.served_name not in client.models()  # never sent to vLLM
     with connect() as conn:
