@@ -66,8 +66,9 @@ def test_a_runs_data_never_changes_what_the_gate_asks(first_run: RetrainResult, 
 
 def test_candidate_whose_scoring_fails_is_unloaded(first_run: RetrainResult, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = get_settings()
+    assert first_run.candidate is not None
     with connect() as conn:
-        trained = registry.get_version(conn, ALIAS, first_run["candidate"]["version"])
+        trained = registry.get_version(conn, ALIAS, first_run.candidate.version)
         candidate = registry.register_candidate(
             conn,
             alias=ALIAS,
