@@ -18,10 +18,12 @@ from components.cli._output import add_json_flag, print_json, table
 from components.settings import get_settings
 
 RESULTS = Path("bench/results/decoding.json")
-# Each adds one change to the one before it, so the table says what each change did.
+# Each adds one change to the one before it, so the table says what each change did. Every variant names its
+# repetition penalty: the gateway fills a field the caller leaves unset with its own default (rag_decoding_*), so a
+# variant without one would be measured with whatever penalty the gateway was started with.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "greedy-48": {"temperature": 0, "max_tokens": 48},
-    "greedy-96": {"temperature": 0, "max_tokens": 96},
+    "greedy-48": {"temperature": 0, "max_tokens": 48, "repetition_penalty": 1.0},
+    "greedy-96": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.0},
     "rep1.1-96": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.1},
     "rep1.1-96-stop": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.1, "stop": ["\n\n"]},
     "rep1.3-96-stop": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.3, "stop": ["\n\n"]},
