@@ -169,12 +169,13 @@ class Settings(BaseSettings):
     max_top_k: int = 20
     # Decoding of answers grounded in retrieved sources, used where the caller leaves a field unset; one set for
     # the base model, one for an alias's adapter (chosen with `tandem bench decoding`, see the README). JSON in
-    # the environment, e.g. TANDEM_RAG_DECODING_BASE='{"temperature": 0, "stop": ["\\n\\n"]}'.
+    # the environment, e.g. TANDEM_RAG_DECODING_BASE='{"temperature": 0, "stop": ["\\n\\n"]}'. No repetition
+    # penalty: vLLM applies it to the prompt's tokens too, and a grounded answer has to repeat its sources' words.
     rag_decoding_base: dict[str, Any] = Field(
-        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 96}
+        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 96}
     )
     rag_decoding_adapter: dict[str, Any] = Field(
-        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 96}
+        default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 96}
     )
     reconcile_interval_s: float = 5.0
     # Fleet lifecycle (serving/lifecycle.py, README "Fleet: promotion, drain, reconcile"): gateways LISTEN for
