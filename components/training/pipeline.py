@@ -450,7 +450,9 @@ def _stage(settings: Settings, alias: str, version: int) -> bool:
 
 
 def _record(conn: Any, alias: str, version: int, result: GateResult) -> None:
-    metrics = {"gate": result.to_dict()}
+    verdict = result.to_dict()
+    verdict.pop("staged")  # recorded before staging, which only a passing candidate gets: not known yet
+    metrics = {"gate": verdict}
     if result.promote:
         registry.set_status(conn, alias, version, "candidate", reason="passed the gate", metrics=metrics)
     else:
