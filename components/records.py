@@ -26,7 +26,14 @@ class Record:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}: unexpected field(s) {', '.join(unknown)}; expected only {names}")
+        missing = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.name not in data and _required(f)]
+        if missing:
+            raise TypeError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
         return cls(**{key: _revive(hints[key], value) for key, value in data.items()})
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _revive(hint: Any, value: Any) -> Any:

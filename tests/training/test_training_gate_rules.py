@@ -108,6 +108,8 @@ def test_what_crosses_xcom_comes_back_typed_and_a_wrong_shape_is_refused_in_one_
     with pytest.raises(TypeError, match=r"^RegisteredCandidate: unexpected field\(s\) adapter_dir") as caught:
         RegisteredCandidate.from_dict({**gated.candidate.to_dict(), "adapter_dir": "/x"})
     assert "\n" not in str(caught.value)
+    with pytest.raises(TypeError, match=r"^Decision: missing field\(s\) promoted, reason$"):
+        Decision.from_dict({"alias": "a", "version": 3})
     with pytest.raises(TypeError, match="GatedCandidate: expected a mapping of its fields, got list"):
         GatedCandidate.from_dict([1, 2])  # type: ignore[arg-type]
 
