@@ -17,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="an alias or the base model (default: TANDEM_DEFAULT_ALIAS)")
     p.add_argument("--no-rag", action="store_true", help="answer without retrieval")
     p.add_argument("--top-k", type=int, default=None, help="chunks to retrieve")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="longest answer, in tokens (default: the gateway's, 96 for an answer from sources)",
+    )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -37,7 +42,7 @@ def ask(
     model: str | None = None,
     rag: bool = True,
     top_k: int | None = None,
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
     stream: bool = False,
     echo: bool = False,
 ) -> dict[str, Any]:
@@ -51,9 +56,10 @@ def ask(
     kwargs: dict[str, Any] = {
         "model": model or settings.default_alias,
         "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
         "extra_body": body,
     }
+    if max_tokens is not None:  # unset: the gateway's measured default for grounded answers applies
+        kwargs["max_tokens"] = max_tokens
     try:
         if not stream:
             raw = _client().chat.completions.with_raw_response.create(**kwargs)
