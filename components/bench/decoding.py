@@ -24,6 +24,9 @@ RESULTS = Path("bench/results/decoding.json")
 VARIANTS: dict[str, dict[str, Any]] = {
     "greedy-48": {"temperature": 0, "max_tokens": 48, "repetition_penalty": 1.0},
     "greedy-96": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.0},
+    # a branch from greedy-96: a penalty on the answer's own repeats only (vLLM applies frequency_penalty to the
+    # generated tokens, repetition_penalty to the prompt's as well)
+    "freq0.3-96": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.0, "frequency_penalty": 0.3},
     "rep1.1-96": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.1},
     "rep1.1-96-stop": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.1, "stop": ["\n\n"]},
     "rep1.3-96-stop": {"temperature": 0, "max_tokens": 96, "repetition_penalty": 1.3, "stop": ["\n\n"]},
