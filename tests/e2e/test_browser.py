@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from serving.routers.dashboards import load_boards
+from tests.traffic import one_round
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts" / "e2e"
@@ -301,12 +302,7 @@ def traffic(stack: Any) -> Any:
             "messages": [{"role": "user", "content": "How do I book a berth?"}],
         }
         for _ in range(2):
-            client.post("/v1/chat/completions", json=ask).raise_for_status()
-            with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as resp:
-                resp.raise_for_status()
-                for _ in resp.iter_lines():
-                    pass
-            client.post("/v1/retrieve", json={"query": "berth booking", "top_k": 3}).raise_for_status()
+            one_round(client, ask, "berth booking")
             time.sleep(6)  # a scrape between the two rounds, so rate() has two points
     time.sleep(12)  # the next scrapes, before the page reads them
     return settings

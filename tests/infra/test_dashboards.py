@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.infra.conftest import INFRA
+from tests.traffic import one_round
 
 DASHBOARDS = sorted((INFRA / "grafana" / "dashboards").glob("*.json"))
 DATASOURCE_UID = "tandem-prometheus"
@@ -200,12 +201,7 @@ def prometheus(vllm_server: str, pg_url: str) -> Iterator[str]:
             # A labelled series is born with its first request; increase() only counts what a scrape saw it grow
             # by, so let Prometheus see the series once before the rest of the traffic.
             _wait_for_scrapes(url)
-            client.post("/v1/chat/completions", json=ask).raise_for_status()
-            with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as resp:
-                resp.raise_for_status()
-                for _ in resp.iter_lines():
-                    pass
-            client.post("/v1/retrieve", json={"query": "harbour office", "top_k": 3}).raise_for_status()
+            one_round(client, ask, "harbour office")
         _wait_for_scrapes(url)
         yield url
     finally:
