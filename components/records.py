@@ -22,11 +22,12 @@ class Record:
         if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__}: expected a mapping of its fields, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cast(Any, cls))]
+        fields = dataclasses.fields(cast(Any, cls))
+        names = [f.name for f in fields]
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}: unexpected field(s) {', '.join(unknown)}; expected only {names}")
-        missing = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.name not in data and _required(f)]
+        missing = [f.name for f in fields if f.name not in data and _required(f)]
         if missing:
             raise TypeError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
         return cls(**{key: _revive(hints[key], value) for key, value in data.items()})
