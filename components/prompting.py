@@ -208,3 +208,14 @@ def cited_sources(retrieved: Sequence[dict[str, Any]], answer: str) -> list[dict
     """The response's ``citations``: the entries of ``retrieved`` the answer cites, in order of first mention."""
     by_index = {int(r["index"]): r for r in retrieved}
     return [by_index[n] for n in cited_numbers(answer, len(retrieved)) if n in by_index]
+
+
+def attributed_sources(
+    retrieved: Sequence[dict[str, Any]], chunks: Sequence[ChunkLike], answer: str
+) -> list[dict[str, Any]]:
+    """The response's ``attributions``: the entries of ``retrieved`` whose text holds the answer's sentences
+    (``components.attribution.attribute``), whatever the answer cites."""
+    from components.attribution import attribute
+
+    numbers = attribute(answer, [c.text for c in chunks])
+    return [retrieved[n - 1] for n in numbers if 0 < n <= len(retrieved)]

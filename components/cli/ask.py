@@ -46,7 +46,8 @@ def ask(
     stream: bool = False,
     echo: bool = False,
 ) -> dict[str, Any]:
-    """Ask through the gateway; returns {answer, citations, tandem, usage}. ``echo`` prints text as it streams."""
+    """Ask through the gateway; returns {answer, citations, attributions, tandem, usage}. ``echo`` prints text as
+    it streams."""
     import openai
 
     settings = get_settings()
@@ -67,6 +68,7 @@ def ask(
             return {
                 "answer": data["choices"][0]["message"]["content"],
                 "citations": data.get("citations", []),
+                "attributions": data.get("attributions", []),
                 "tandem": data.get("tandem", {}),
                 "usage": data.get("usage"),
                 "fallback_header": raw.headers.get("x-tandem-fallback"),
@@ -85,7 +87,12 @@ def ask(
                     print(text, end="", flush=True)
         if echo:
             print()
-        return {"answer": "".join(parts), "citations": final.get("citations", []), "tandem": final.get("tandem", {})}
+        return {
+            "answer": "".join(parts),
+            "citations": final.get("citations", []),
+            "attributions": final.get("attributions", []),
+            "tandem": final.get("tandem", {}),
+        }
     except openai.APIConnectionError as exc:
         raise ServiceError(f"the gateway at {settings.gateway_url} is not reachable; run `tandem up`") from exc
     except openai.APIStatusError as exc:
@@ -115,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     served = tandem.get("served_model", "?")
     note = " (no adapter loaded for this alias: the base model answered)" if tandem.get("fallback") else ""
     print(f"\n-- {served}{note}")
-    for c in result["citations"]:
+    cited = {c["index"] for c in result["citations"]}
+    uncited = [c for c in result.get("attributions") or [] if c["index"] not in cited]
+    for c, how in [*((c, "cited") for c in result["citations"]), *((c, "holds its words, not cited") for c in uncited)]:
         heading = f" > {c['heading']}" if c.get("heading") else ""
-        print(f"[{c['index']}] {c['document_path']}{heading}  ({c['source']}, score {c['score']:.3f})")
+        print(f"[{c['index']}] {c['document_path']}{heading}  ({how}; {c['source']}, score {c['score']:.3f})")
     return 0

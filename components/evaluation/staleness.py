@@ -12,7 +12,7 @@ After an ingest, for the champion of each alias:
    arms ``tandem eval`` runs: base + retrieval, adapter alone, adapter + retrieval (the hybrid).
 4. Each answer is scored. Where the document still holds every word of the trained answer, the trained answer is
    the reference (the gate's ``reference_hit``). Where it lost some of them (the fact changed), the answer is right
-   when it repeats none of the retired words and stands on the current document (``raft.answer_support``).
+   when it repeats none of the retired words and stands on the current document (``attribution.answer_support``).
 5. The champion is stale when its hybrid answers score below base + retrieval: significantly (exact McNemar,
    p < gate_alpha), or at all on fewer questions than that test can ever call significant (the gate's rule).
    With ``TANDEM_AUTO_ROLLBACK=true`` a stale champion is rolled back, and the reason goes into the registry.
@@ -88,8 +88,8 @@ def words(text: str) -> set[str]:
 
 def outcome(question: StaleQuestion, answer: str, current_text: str) -> bool:
     """Whether one answer agrees with the documents as they are now (module docstring, step 4)."""
+    from components.attribution import MIN_SUPPORT, answer_support
     from components.training.gate import reference_hit
-    from components.training.raft import MIN_SUPPORT, answer_support
 
     if not answer.strip():
         return False

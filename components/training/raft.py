@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.attribution import MIN_SUPPORT, answer_support
 from components.evaluation.scoring import key_words, normalize, source_matches
 from components.prompting import ChunkLike, build_rag_messages, is_rag_prompt, query_text
 from components.training.data import Example
@@ -31,8 +32,6 @@ DocumentChunks = Callable[[str], Sequence[ChunkLike]]
 
 # The target of an example whose sources lack the answer: the instruction's own words, no domain in it.
 NOT_IN_SOURCES = "The sources do not contain the answer, so I do not know."
-# A chunk holds the answer when it contains the answer's text, or this share of its content words.
-MIN_SUPPORT = 0.6
 # Chunks covering at least this share are kept out of the sources of an "answer is not here" example.
 MAX_DISTRACTOR_SUPPORT = 0.34
 _CITATION = re.compile(r"\s*\[\d+\]")
@@ -52,24 +51,6 @@ class RenderReport:
 
     def summary(self) -> dict[str, Any]:
         return {"rendered": len(self.conversations), **dict(self.kinds), "left_out": len(self.problems)}
-
-
-def answer_support(answer: str, text: str) -> float:
-    """How much of ``answer`` the chunk ``text`` holds: 1.0 when it contains the answer outright, else the share
-    of the content words of the answer's first sentence (or of the whole answer when that sentence has fewer
-    than three) that appear in the text."""
-    plain = _CITATION.sub("", answer)
-    got = normalize(text)
-    want = normalize(plain)
-    if want and f" {want} " in f" {got} ":
-        return 1.0
-    words = key_words(plain)
-    if len(words) < 3:
-        words = key_words(plain.replace("\n", " "), whole=True)
-    if not words:
-        return 0.0
-    present = set(got.split())
-    return sum(w in present for w in words) / len(words)
 
 
 def cite(answer: str, number: int) -> str:

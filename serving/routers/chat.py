@@ -12,7 +12,14 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from components.prompting import build_rag_messages, citations_for, cited_sources, decoding_defaults, query_text
+from components.prompting import (
+    attributed_sources,
+    build_rag_messages,
+    citations_for,
+    cited_sources,
+    decoding_defaults,
+    query_text,
+)
 from serving import answer_log
 from serving import metrics as m
 from serving.adapters import Route
@@ -175,12 +182,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         _record_usage(route, payload.get("usage"))
         said = [str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or []]
         payload["citations"] = cited_sources(retrieved, "\n".join(said))
+        payload["attributions"] = attributed_sources(retrieved, chunks, "\n".join(said))
         payload["retrieved"] = retrieved
         payload["tandem"] = info
         remember(retrieved, said[0] if said else "", payload["citations"])
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
-        release_after(_stream(up, retrieved, info, wants_usage, started, response_id, remember), slot),
+        release_after(_stream(up, retrieved, chunks, info, wants_usage, started, response_id, remember), slot),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -189,6 +197,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
 async def _stream(
     up: Upstream,
     retrieved: list[dict[str, Any]],
+    chunks: list[Any],
     info: dict[str, Any],
     wants_usage: bool,
     started: float,
@@ -196,7 +205,8 @@ async def _stream(
     remember: Callable[[list[dict[str, Any]], str, list[dict[str, Any]]], None],
 ) -> AsyncIterator[str]:
     """vLLM's chunks as they come (with the gateway's response id), then the citations event (the sources the
-    answer cited, and every one retrieved), then [DONE]. A stream that completes is handed to ``remember``."""
+    answer cited, those its sentences stand on, and every one retrieved), then [DONE]. A stream that completes
+    is handed to ``remember``."""
     route = up.route
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     first = True
@@ -224,13 +234,15 @@ async def _stream(
                 m.TIME_TO_FIRST_TOKEN.labels(**labels).observe(time.perf_counter() - started)
                 first = False
             yield f"data: {data}\n\n"
+        text = "\n".join("".join(p) for p in said.values())
         final = {
             "id": response_id,
             "object": "tandem.citations",
             "created": last.get("created", int(time.time())),
             "model": last.get("model", route.served_model),
             "choices": [],
-            "citations": cited_sources(retrieved, "\n".join("".join(p) for p in said.values())),
+            "citations": cited_sources(retrieved, text),
+            "attributions": attributed_sources(retrieved, chunks, text),
             "retrieved": retrieved,
             "tandem": info,
         }

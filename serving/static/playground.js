@@ -67,7 +67,7 @@ function renderAnswer(text, count) {
   }
 }
 
-function renderCitations(citations, cited = new Set()) {
+function renderCitations(citations, cited = new Set(), attributed = new Set()) {
   const list = $("citations");
   list.replaceChildren();
   for (const c of citations) {
@@ -75,7 +75,9 @@ function renderCitations(citations, cited = new Set()) {
     li.id = "cite-" + c.index;
     li.value = c.index;
     const title = document.createElement("strong");
-    title.textContent = (c.title || c.document_path) + (cited.has(c.index) ? " (cited)" : "");
+    const marks = [cited.has(c.index) ? "cited" : "", attributed.has(c.index) ? "holds the answer's words" : ""];
+    const mark = marks.filter(Boolean).join(", ");
+    title.textContent = (c.title || c.document_path) + (mark ? ` (${mark})` : "");
     const path = document.createElement("div");
     path.className = "path";
     path.textContent = c.source ? `${c.source}: ${c.document_path}` : c.document_path;
@@ -120,10 +122,12 @@ async function ask(event) {
     }
     const data = await resp.json();
     resetFeedback(data.id);
-    // "retrieved": every source the model was given; "citations": the ones its answer cites.
+    // "retrieved": every source the model was given; "citations": the ones its answer cites; "attributions":
+    // the ones whose text holds the answer's sentences (the gateway's check, whatever the answer cites).
     const sources = data.retrieved || data.citations || [];
     renderAnswer(data.choices[0].message.content || "", sources.length);
-    renderCitations(sources, new Set((data.citations || []).map((c) => c.index)));
+    const indexes = (list) => new Set((list || []).map((c) => c.index));
+    renderCitations(sources, indexes(data.citations), indexes(data.attributions));
     const t = data.tandem || {};
     const served = $("served");
     served.textContent = `served by ${t.served_model || data.model}` +

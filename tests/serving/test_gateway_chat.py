@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from components.prompting import cited_sources
+from components.prompting import attributed_sources, cited_sources
 
 Gateway = Any  # the `gateway` fixture (tests/serving/conftest.py)
 ALIAS = "gwtest"
@@ -20,6 +21,14 @@ QUESTION = "When does Corran Lock open for transits?"
 
 def _client(gateway: Gateway, key: str = "") -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key or gateway.api_key, max_retries=0, timeout=120)
+
+
+def _attributed(gateway: Gateway, retrieved: list[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
+    """What the gateway's attributions must be for this answer: the rule over the retrieved chunks' own text."""
+    with gateway.client() as client:
+        chunks = client.post("/v1/retrieve", json={"query": QUESTION}).json()["chunks"]
+    assert [c["chunk_id"] for c in chunks] == [r["chunk_id"] for r in retrieved]
+    return attributed_sources(retrieved, [SimpleNamespace(text=c["text"]) for c in chunks], answer)
 
 
 def test_answer_with_citations(gateway: Gateway) -> None:
@@ -35,6 +44,7 @@ def test_answer_with_citations(gateway: Gateway) -> None:
     assert retrieved[0]["document_path"] == "lock.md"
     assert {"chunk_id", "source", "title", "heading", "score"} <= set(retrieved[0])
     assert data["citations"] == cited_sources(retrieved, completion.choices[0].message.content or "")
+    assert data["attributions"] == _attributed(gateway, retrieved, completion.choices[0].message.content or "")
     assert data["tandem"] == {
         "alias": ALIAS,
         "adapter_version": data["tandem"]["adapter_version"],
@@ -56,6 +66,7 @@ def test_streaming_ends_with_citations_event(gateway: Gateway) -> None:
     assert final["object"] == "tandem.citations"
     assert final["retrieved"][0]["document_path"] == "lock.md"
     assert final["citations"] == cited_sources(final["retrieved"], text)
+    assert final["attributions"] == _attributed(gateway, final["retrieved"], text)
     assert final["tandem"]["rag"] is True and final["tandem"]["alias"] == ALIAS
 
 
@@ -87,7 +98,7 @@ def test_rag_off_and_base_model(gateway: Gateway) -> None:
         extra_body={"rag": False},
     )
     data = completion.model_dump()
-    assert data["citations"] == [] and data["retrieved"] == []
+    assert data["citations"] == [] and data["attributions"] == [] and data["retrieved"] == []
     assert data["tandem"]["rag"] is False and data["tandem"]["served_model"] == "smollm2-135m"
 
 
