@@ -8,6 +8,7 @@ import unicodedata
 from collections.abc import Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PER_CENT = re.compile(r"%|\bper cent\b")
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACE = re.compile(r"\s+")
 _CITATION = re.compile(r"\[\d+\]")
@@ -21,9 +22,11 @@ _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 
 def normalize(text: str) -> str:
-    """Lower-case, strip accents, punctuation and articles, collapse spaces (SQuAD-style)."""
+    """Lower-case, strip accents, punctuation and articles, collapse spaces (SQuAD-style); ``%`` and "per cent"
+    are written "percent" first, so "1.5%" and "1.5 percent" are the same answer."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = _PER_CENT.sub(" percent ", text)
     text = _PUNCT.sub(" ", text)
     text = _ARTICLES.sub(" ", text)
     return _SPACE.sub(" ", text).strip()

@@ -29,6 +29,9 @@ from .conftest import build_report, make_answers
         ("It was completed in 1911 [1].", "1911", True),
         ("Edwina Farrow-Pike chairs the board", "Edwina Farrow-Pike", True),
         ("The wait is 90 days.", "90 days", True),
+        ("Interest is 1.5% per month.", "1.5 percent per month", True),  # one unit, three spellings
+        ("a surcharge of 10 per cent", "10%", True),
+        ("1.5% per year", "1.5 percent per month", False),
         ("2140 people", "214", False),  # whole words only
         ("ninety days", "90 days", False),
         ("", "214", False),
