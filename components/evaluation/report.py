@@ -19,6 +19,7 @@ HEADER = (
     "model",
     "accuracy",
     "expected source cited",
+    "answer on expected source",
     "p50 s",
     "p95 s",
     "prompt tok",
@@ -40,7 +41,7 @@ def table_rows(report: EvalReport) -> list[list[str]]:
     for a in report.arms:
         model = a.model + (f" (v{a.adapter_version})" if a.adapter_version is not None else "")
         if a.status == NO_ADAPTER:
-            rows.append([a.label, a.model, NO_ADAPTER, "-", "-", "-", "-", "-", "-"])
+            rows.append([a.label, a.model, NO_ADAPTER, "-", "-", "-", "-", "-", "-", "-"])
             continue
         rows.append(
             [
@@ -48,6 +49,7 @@ def table_rows(report: EvalReport) -> list[list[str]]:
                 model,
                 f"{_pct(a.accuracy)} ({a.correct}/{a.questions})",
                 _pct(a.source_hit_rate),
+                _pct(a.source_attributed_rate),
                 _num(a.latency_p50_s),
                 _num(a.latency_p95_s),
                 _num(a.prompt_tokens_mean, ".0f"),

@@ -48,6 +48,8 @@ class Answer:
     completion_tokens: int = 0
     cited_sources: list[str] = field(default_factory=list)
     source_hit: bool | None = None  # None: the arm does not retrieve
+    # The gateway's attributions (sources whose text holds the answer's sentences) name the expected document
+    source_attributed: bool | None = None
     served_model: str | None = None
     adapter_version: int | None = None
     fallback: bool = False  # the gateway served the alias with the base model (adapter failed to load)
@@ -68,6 +70,7 @@ class ArmScores:
     accuracy_low: float | None = None  # 95% Wilson interval
     accuracy_high: float | None = None
     source_hit_rate: float | None = None
+    source_attributed_rate: float | None = None
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     prompt_tokens_mean: float | None = None
@@ -165,6 +168,9 @@ def summarise_arm(arm: Arm, model: str, answers: list[Answer], adapter_version: 
         accuracy_low=low if answers else None,
         accuracy_high=high if answers else None,
         source_hit_rate=(sum(hits) / len(answers)) if arm.rag and answers else None,
+        source_attributed_rate=(sum(bool(a.source_attributed) for a in answers) / len(answers))
+        if arm.rag and answers
+        else None,
         latency_p50_s=percentile(latencies, 50) if latencies else None,
         latency_p95_s=percentile(latencies, 95) if latencies else None,
         prompt_tokens_mean=sum(a.prompt_tokens for a in ok) / len(ok) if ok else None,

@@ -72,6 +72,7 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
     numbers = [int(c["index"]) for c in citations if isinstance(c, dict) and isinstance(c.get("index"), int)]
     marked = set(cited_numbers(text, max(numbers, default=0)))
     cited = [str(c.get("document_path") or "") for c in citations if isinstance(c, dict) and c.get("index") in marked]
+    attributed = [str(c.get("document_path") or "") for c in extra.get("attributions") or [] if isinstance(c, dict)]
     usage = resp.usage
     return Answer(
         qa_id=item.id,
@@ -82,6 +83,7 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
         completion_tokens=int(usage.completion_tokens) if usage else 0,
         cited_sources=cited,
         source_hit=any(source_matches(c, item.source) for c in cited) if arm.rag else None,
+        source_attributed=any(source_matches(c, item.source) for c in attributed) if arm.rag else None,
         served_model=tandem.get("served_model") or resp.model,
         adapter_version=tandem.get("adapter_version"),
         fallback=bool(tandem.get("fallback")),

@@ -36,12 +36,13 @@ def index_state(conn: psycopg.Connection) -> IndexState:
 # Columns filled from the ArmScores and Answer fields of the same names.
 _SCORE_COLUMNS = (
     "arm", "model", "rag", "status", "adapter_version", "questions", "correct", "accuracy", "accuracy_low",
-    "accuracy_high", "source_hit_rate", "latency_p50_s", "latency_p95_s", "prompt_tokens_mean",
-    "completion_tokens_mean", "prompt_tokens_total", "completion_tokens_total", "errors", "fallbacks",
+    "accuracy_high", "source_hit_rate", "source_attributed_rate", "latency_p50_s", "latency_p95_s",
+    "prompt_tokens_mean", "completion_tokens_mean", "prompt_tokens_total", "completion_tokens_total", "errors",
+    "fallbacks",
 )  # fmt: skip
 _ANSWER_COLUMNS = (
-    "qa_id", "text", "correct", "source_hit", "cited_sources", "latency_s", "prompt_tokens", "completion_tokens",
-    "fallback", "error",
+    "qa_id", "text", "correct", "source_hit", "source_attributed", "cited_sources", "latency_s", "prompt_tokens",
+    "completion_tokens", "fallback", "error",
 )  # fmt: skip
 
 

@@ -44,8 +44,11 @@ def test_four_arms_through_the_gateway(eval_gateway: str, eval_adapter: int, set
             for x in arm.answers:
                 hit = any(source_matches(c, expected[x.qa_id].source) for c in x.cited_sources)
                 assert x.source_hit == hit
+                assert isinstance(x.source_attributed, bool)  # every answer of a retrieval arm gets a verdict
+            assert arm.source_attributed_rate == sum(bool(x.source_attributed) for x in arm.answers) / STACK_QUESTIONS
         else:
             assert arm.source_hit_rate is None and all(not x.cited_sources for x in arm.answers)
+            assert arm.source_attributed_rate is None and all(x.source_attributed is None for x in arm.answers)
     # Retrieval puts the numbered sources into the prompt: the token cost the report is about.
     assert report.arm("base_rag").prompt_tokens_mean > 5 * report.arm("base").prompt_tokens_mean  # type: ignore[operator]
     assert report.retrieval is not None and report.retrieval.errors == 0
@@ -63,6 +66,11 @@ def test_four_arms_through_the_gateway(eval_gateway: str, eval_adapter: int, set
         assert row == (eval_adapter, STACK_QUESTIONS, report.index.chunks)
         stored = conn.execute("SELECT count(*) FROM evaluation_answers WHERE run_id = %s", (report.run_id,)).fetchone()
         assert stored == (4 * STACK_QUESTIONS,)
+        rates = conn.execute(
+            "SELECT arm, source_attributed_rate FROM evaluation_scores WHERE run_id = %s ORDER BY arm",
+            (report.run_id,),
+        ).fetchall()
+        assert dict(rates) == {a.arm: a.source_attributed_rate for a in report.arms}
 
     registry = CollectorRegistry()
     registry.register(EvalScoresCollector(settings))
