@@ -266,11 +266,22 @@ def recommend(arms: list[ArmScores], alias: str) -> str:
     names = {a.arm: a for a in measured}
     if HYBRID in names and RAG_ONLY in names and FINETUNE_ONLY in names:
         hybrid = names[HYBRID]
-        beats = all((hybrid.accuracy or 0) > (names[k].accuracy or 0) for k in (RAG_ONLY, FINETUNE_ONLY))
+        singles = [names[k] for k in (RAG_ONLY, FINETUNE_ONLY)]
+        ahead = all((hybrid.accuracy or 0) > (o.accuracy or 0) for o in singles)
+        noise = [o for o in singles if paired_p(hybrid, o) >= 0.05]
+        if not ahead:
+            verdict = "it does not beat both."
+        elif noise:
+            verdict = (
+                "it is ahead of both, but not significantly of "
+                + " or ".join(f"{o.label} ({_p(paired_p(hybrid, o))})" for o in noise)
+                + "."
+            )
+        else:
+            verdict = "it beats both (p < 0.05 against each)."
         lines.append(
-            f"Hybrid against the single arms: {_pct_delta(hybrid, names[RAG_ONLY])} over retrieval alone, "
-            f"{_pct_delta(hybrid, names[FINETUNE_ONLY])} over the fine-tune alone: "
-            + ("it beats both." if beats else "it does not beat both.")
+            f"Hybrid against the single arms: {_pct_delta(hybrid, names[RAG_ONLY])} over base + retrieval, "
+            f"{_pct_delta(hybrid, names[FINETUNE_ONLY])} over the fine-tune alone: {verdict}"
         )
     if no_adapter:
         lines.append(no_adapter)
