@@ -13,6 +13,8 @@ such as adapter arms of an alias with no champion, export no sample):
 
 - ``tandem_eval_accuracy{alias,arm,adapter_version}`` (0..1)
 - ``tandem_eval_source_hit_rate{alias,arm,adapter_version}`` (retrieval arms)
+- ``tandem_eval_source_attributed_rate{alias,arm,adapter_version}`` (retrieval arms: the answer stands on the
+  expected source by the gateway's attributions)
 - ``tandem_eval_latency_p50_seconds`` / ``tandem_eval_latency_p95_seconds{alias,arm,adapter_version}``
 - ``tandem_eval_prompt_tokens_mean`` / ``tandem_eval_completion_tokens_mean{alias,arm,adapter_version}``
 - ``tandem_eval_retrieval_recall_at_k{alias,k}``, ``tandem_eval_mrr{alias}``
@@ -49,6 +51,11 @@ ARM_GAUGES = (
         "source_hit_rate",
         "Share of questions whose expected source is among the citations (retrieval arms), 0..1.",
         "source_hit_rate",
+    ),
+    (
+        "source_attributed_rate",
+        "Share of questions whose answer stands on the expected source by the gateway's attributions, 0..1.",
+        "source_attributed_rate",
     ),
     ("latency_p50_seconds", "Median end-to-end latency per question through the gateway.", "latency_p50_s"),
     ("latency_p95_seconds", "95th percentile end-to-end latency per question through the gateway.", "latency_p95_s"),

@@ -112,6 +112,7 @@ class StoredScore:
     questions: int
     accuracy: float | None
     source_hit_rate: float | None
+    source_attributed_rate: float | None
     latency_p50_s: float | None
     latency_p95_s: float | None
     prompt_tokens_mean: float | None
@@ -127,9 +128,9 @@ def latest_scores(conn: psycopg.Connection) -> list[StoredScore]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """SELECT DISTINCT ON (r.alias, s.arm) r.id AS run_id, r.alias, s.arm, s.status, s.adapter_version,
-                   s.questions, s.accuracy, s.source_hit_rate, s.latency_p50_s, s.latency_p95_s,
-                   s.prompt_tokens_mean, s.completion_tokens_mean, r.retrieval_k, r.retrieval_recall_at_k,
-                   r.retrieval_mrr, r.finished_at
+                   s.questions, s.accuracy, s.source_hit_rate, s.source_attributed_rate, s.latency_p50_s,
+                   s.latency_p95_s, s.prompt_tokens_mean, s.completion_tokens_mean, r.retrieval_k,
+                   r.retrieval_recall_at_k, r.retrieval_mrr, r.finished_at
                FROM evaluation_runs r JOIN evaluation_scores s ON s.run_id = r.id
                WHERE r.id IN (SELECT DISTINCT ON (alias) id FROM evaluation_runs
                               ORDER BY alias, finished_at DESC, id DESC)

@@ -39,6 +39,7 @@ def make_answers(arm: str) -> list[Answer]:
             completion_tokens=10,
             cited_sources=["a.md"] if rag else [],
             source_hit=(i % 2 == 0) if rag else None,
+            source_attributed=(i % 3 == 0) if rag else None,
             adapter_version=3 if arm.startswith("adapter") else None,
         )
         for i, ok in enumerate(OUTCOMES[arm])

@@ -53,12 +53,14 @@ def test_save_and_export_latest_scores(db: Any, settings: Any) -> None:
     key = (("adapter_version", "3"), ("alias", "store-test"), ("arm", "adapter_rag"))
     assert samples[("tandem_eval_accuracy", key)] == pytest.approx(5 / 6)
     assert samples[("tandem_eval_source_hit_rate", key)] == pytest.approx(0.5)
+    assert samples[("tandem_eval_source_attributed_rate", key)] == pytest.approx(1 / 3)  # read back from Postgres
     assert samples[("tandem_eval_latency_p50_seconds", key)] == pytest.approx(2.25)
     assert samples[("tandem_eval_retrieval_recall_at_k", (("alias", "store-test"), ("k", "5")))] == pytest.approx(5 / 6)
     assert samples[("tandem_eval_mrr", (("alias", "store-test"),))] == pytest.approx(0.7)
     assert samples[("tandem_eval_scrape_ok", ())] == 1.0
     base_key = (("adapter_version", ""), ("alias", "store-test"), ("arm", "base"))
     assert ("tandem_eval_source_hit_rate", base_key) not in samples  # no retrieval in that arm
+    assert ("tandem_eval_source_attributed_rate", base_key) not in samples
 
     if shutil.which("promtool"):
         check = subprocess.run(
