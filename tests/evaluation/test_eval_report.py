@@ -29,8 +29,8 @@ def test_report_files_are_written(fixed_report: EvalReport, tmp_path: Path) -> N
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "chart.png").stat().st_size > 10_000
     md = (out / "report.md").read_text()
-    assert "| adapter + retrieval | harbour (v3) | 83% (5/6) | 50% | 2.25 | 2.48 | 800 | 10.0 | 0 |" in md
-    assert "| base alone | smollm2-135m | 17% (1/6) | - | 0.75 | 0.97 | 40 | 10.0 | 0 |" in md
+    assert "| adapter + retrieval | harbour (v3) | 83% (5/6) | 50% | 33% | 2.25 | 2.48 | 800 | 10.0 | 0 |" in md
+    assert "| base alone | smollm2-135m | 17% (1/6) | - | - | 0.75 | 0.97 | 40 | 10.0 | 0 |" in md
     assert "![accuracy, latency and tokens per arm](chart.png)" in md
     assert "35 documents, 420 chunks (all-MiniLM-L6-v2:384)" in md
     assert "Retrieval alone (top 5 chunks, 6 questions): recall@5 83%, MRR 0.70" in md
