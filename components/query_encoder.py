@@ -168,9 +168,15 @@ def check_generation(conn: Any, model_id: str, dim: int) -> None:
         )
 
 
-def load_query_encoder(settings: Settings) -> QueryEncoder:
-    """The fastest encoder whose vectors match the document vectors: ONNX if it checks out, else torch."""
-    limit_query_threads(settings)
+def load_query_encoder(settings: Settings, limit_threads: bool = True) -> QueryEncoder:
+    """The fastest encoder whose vectors match the document vectors: ONNX if it checks out, else torch.
+
+    ``limit_threads`` caps torch's threads for the whole process at ``TANDEM_QUERY_EMBED_THREADS``, which suits a
+    process that only embeds queries (the gateway). A process that also trains must pass False: the cap stayed
+    on there and halved LoRA training's speed on two cores. The ONNX session gets its own thread count either
+    way, so the query vectors are the same."""
+    if limit_threads:
+        limit_query_threads(settings)
     embedder = get_embedder(settings)
     if settings.query_embed_runtime == "torch":
         return embedder

@@ -160,7 +160,7 @@ def serving_retriever(conn: psycopg.Connection, settings: Settings | None = None
     from components.query_encoder import load_query_encoder
 
     settings = settings or get_settings()
-    encoder = load_query_encoder(settings)
+    encoder = load_query_encoder(settings, limit_threads=False)  # the caller may train next, on every core
 
     def search(query: str, top_k: int) -> list[RetrievedChunk]:
         query = query.replace("\x00", " ").strip()

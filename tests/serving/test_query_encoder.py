@@ -68,3 +68,21 @@ def test_torch_runtime_setting_skips_onnx(onnx_settings: Settings) -> None:
     encoder = load_query_encoder(onnx_settings.model_copy(update={"query_embed_runtime": "torch"}))
     assert encoder.runtime == "torch"
     assert not (onnx_settings.models_dir / "onnx").exists()
+
+
+def test_training_retrieval_leaves_torch_its_threads(onnx_settings: Settings) -> None:
+    """Training renders its prompts with the gateway's retriever in the process that then trains: the gateway's
+    one-thread cap must not follow it there (it halved training's speed on two cores)."""
+    import torch
+
+    from components.retrieval import serving_retriever
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        serving_retriever(None, onnx_settings)  # type: ignore[arg-type]  # the connection is used only by a search
+        assert torch.get_num_threads() == 2
+        load_query_encoder(onnx_settings)  # the gateway's way: capped at TANDEM_QUERY_EMBED_THREADS
+        assert torch.get_num_threads() == onnx_settings.query_embed_threads == 1
+    finally:
+        torch.set_num_threads(before)
