@@ -26,8 +26,12 @@ def answer_support(answer: str, text: str) -> float:
     """How much of ``answer`` the chunk ``text`` holds: 1.0 when it contains the answer outright, else the share
     of the content words of the answer's first sentence (or of the whole answer when that sentence has fewer
     than three) that appear in the text."""
-    plain = _CITATION.sub("", answer)
     got = normalize(text)
+    return _support(_CITATION.sub("", answer), got, set(got.split()))
+
+
+def _support(plain: str, got: str, present: set[str]) -> float:
+    """``answer_support`` of an answer without markers against a normalised text and that text's words."""
     want = normalize(plain)
     if want and f" {want} " in f" {got} ":
         return 1.0
@@ -36,7 +40,6 @@ def answer_support(answer: str, text: str) -> float:
         words = key_words(plain.replace("\n", " "), whole=True)
     if not words:
         return 0.0
-    present = set(got.split())
     return sum(w in present for w in words) / len(words)
 
 
@@ -51,15 +54,16 @@ def attribute(answer: str, sources: Sequence[str]) -> list[int]:
     if not plain:
         return []
     sentences = [s for s in _SENTENCE_END.split(plain) if len(key_words(s, whole=True)) >= 3] or [plain]
-    texts = [normalize(s) for s in sources]
+    texts = [normalize(s) for s in sources]  # once per source, not once per sentence
+    vocab = [set(t.split()) for t in texts]
     found: list[int] = []
     for sentence in sentences:
         numbers = {w for w in normalize(sentence).split() if any(ch.isdigit() for ch in w)}
         best: tuple[int, float] | None = None
-        for n, (source, text) in enumerate(zip(sources, texts, strict=True), 1):
-            if not numbers <= set(text.split()):
+        for n, (text, words) in enumerate(zip(texts, vocab, strict=True), 1):
+            if not numbers <= words:
                 continue
-            support = answer_support(sentence, source)
+            support = _support(sentence, text, words)
             if support >= MIN_SUPPORT and (best is None or support > best[1]):
                 best = (n, support)
         if best is not None and best[0] not in found:

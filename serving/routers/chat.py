@@ -181,8 +181,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         payload["id"] = response_id
         _record_usage(route, payload.get("usage"))
         said = [str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or []]
-        payload["citations"] = cited_sources(retrieved, "\n".join(said))
-        payload["attributions"] = attributed_sources(retrieved, chunks, "\n".join(said))
+        text = "\n".join(said)
+        payload["citations"] = cited_sources(retrieved, text)
+        payload["attributions"] = attributed_sources(retrieved, chunks, text)
         payload["retrieved"] = retrieved
         payload["tandem"] = info
         remember(retrieved, said[0] if said else "", payload["citations"])
