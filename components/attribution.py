@@ -15,10 +15,10 @@ import re
 from collections.abc import Sequence
 
 from components.evaluation.scoring import key_words, normalize
+from components.prompting import strip_citations
 
 # A source holds an answer when it contains the answer's text, or this share of its content words.
 MIN_SUPPORT = 0.6
-_CITATION = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -27,7 +27,7 @@ def answer_support(answer: str, text: str) -> float:
     of the content words of the answer's first sentence (or of the whole answer when that sentence has fewer
     than three) that appear in the text."""
     got = normalize(text)
-    return _support(_CITATION.sub("", answer), got, set(got.split()))
+    return _support(strip_citations(answer), got, set(got.split()))
 
 
 def _support(plain: str, got: str, present: set[str]) -> float:
@@ -50,7 +50,7 @@ def attribute(answer: str, sources: Sequence[str]) -> list[int]:
     holding the largest share of it, at least ``MIN_SUPPORT`` (ties go to the higher-ranked source), and only if
     that source also holds every number the sentence states. A sentence no source holds is attributed to none.
     """
-    plain = " ".join(_CITATION.sub("", answer or "").split())
+    plain = " ".join(strip_citations(answer or "").split())
     if not plain:
         return []
     sentences = [s for s in _SENTENCE_END.split(plain) if len(key_words(s, whole=True)) >= 3] or [plain]

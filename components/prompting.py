@@ -62,8 +62,10 @@ DATAMARK = "^"
 # What a document may not write: marker brackets, chat-template tokens, and citation numbers.
 _ANGLES = re.compile(r"<(?=[<|])|\|(?=>)|>(?=>)")
 _BRACKETED = re.compile(r"\[(\s*\d+(?:\s*[,;]\s*\d+)*\s*)\]")
-# What an answer cites: [1], [1, 2], [1][2] (the last is two matches).
+# What an answer cites: [1], [1, 2], [1][2] (the last is two matches). The one pattern for citation markers:
+# scoring, attribution and the training targets strip them with ``strip_citations``.
 _CITED = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
+_CITED_SPACED = re.compile(r"\s*" + _CITED.pattern)
 
 
 def heading_text(heading: Any) -> str:
@@ -186,6 +188,12 @@ def cited_numbers(answer: str, count: int) -> list[int]:
             if 1 <= n <= count and n not in seen:
                 seen.append(n)
     return seen
+
+
+def strip_citations(text: str) -> str:
+    """``text`` without its citation markers (and the spaces in front of them), e.g. ``[2] It opens at 9 [1].``
+    becomes ``It opens at 9.``."""
+    return _CITED_SPACED.sub("", text).strip()
 
 
 def citations_for(chunks: Sequence[ChunkLike]) -> list[dict[str, Any]]:

@@ -7,11 +7,12 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from components.prompting import strip_citations
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PER_CENT = re.compile(r"%|\bper cent\b")
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACE = re.compile(r"\s+")
-_CITATION = re.compile(r"\[\d+\]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 _STOPWORD_TEXT = (
     "a an the and or of to in on at for by with from is are was were be been it its this that these those as "
@@ -44,7 +45,7 @@ def answer_matches(prediction: str, expected: str) -> bool:
 def key_words(reference: str, whole: bool = False) -> list[str]:
     """The content words of a reference answer's first sentence (or all of it with ``whole``); citation markers
     and stop words dropped."""
-    text = _CITATION.sub(" ", reference).strip()
+    text = strip_citations(reference)
     if not whole:
         text = _SENTENCE_END.split(text, maxsplit=1)[0]
     return [w for w in normalize(text).split() if w not in _STOPWORDS and (len(w) > 2 or w.isdigit())]

@@ -24,7 +24,7 @@ from typing import Any
 
 from components.attribution import MIN_SUPPORT, answer_support
 from components.evaluation.scoring import key_words, normalize, source_matches
-from components.prompting import ChunkLike, build_rag_messages, is_rag_prompt, query_text
+from components.prompting import ChunkLike, build_rag_messages, is_rag_prompt, query_text, strip_citations
 from components.training.data import Example
 
 Retrieve = Callable[[str, int], Sequence[ChunkLike]]
@@ -34,7 +34,6 @@ DocumentChunks = Callable[[str], Sequence[ChunkLike]]
 NOT_IN_SOURCES = "The sources do not contain the answer, so I do not know."
 # Chunks covering at least this share are kept out of the sources of an "answer is not here" example.
 MAX_DISTRACTOR_SUPPORT = 0.34
-_CITATION = re.compile(r"\s*\[\d+\]")
 _FIRST_STOP = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -55,7 +54,7 @@ class RenderReport:
 
 def cite(answer: str, number: int) -> str:
     """The answer with its old citation markers dropped and ``[number]`` at the end of its first sentence."""
-    body = _CITATION.sub("", answer).strip()
+    body = strip_citations(answer)
     stop = _FIRST_STOP.search(body)
     if stop is None:
         return f"{body} [{number}]"
@@ -106,7 +105,7 @@ def render_example(
 def grounding_record(example: Example, chunk: ChunkLike) -> dict[str, Any]:
     """What a grounded example was trained on: its question and answer, the chunk's document, and the answer's
     content words that chunk held (so a later check can tell which of them the document no longer holds)."""
-    answer = _CITATION.sub("", example.answer).strip()
+    answer = strip_citations(example.answer)
     held = set(normalize(chunk.text).split())
     return {
         "question": query_text(without_old_sources(example)[:-1]),
