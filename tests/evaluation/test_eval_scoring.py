@@ -19,6 +19,7 @@ from components.evaluation.scoring import (
     source_matches,
     wilson_interval,
 )
+from components.prompting import strip_citations
 
 from .conftest import build_report, make_answers
 
@@ -45,8 +46,6 @@ def test_answer_matching(prediction: str, expected: str, ok: bool) -> None:
 
 def test_every_citation_form_is_stripped_before_scoring() -> None:
     # One pattern for markers: [1], [1, 2] and [1; 3] all go, and a leading marker leaves no stray space.
-    from components.prompting import strip_citations
-
     assert strip_citations("[2] It opens at 9 [1, 3]. Closed Sundays [1; 2].") == "It opens at 9. Closed Sundays."
     assert key_words("Pilots board at Gate 4 [1, 2].") == ["pilots", "board", "gate", "4"]
     assert key_words("[3] Pilots board at Gate 4.") == key_words("Pilots board at Gate 4.")
