@@ -59,13 +59,16 @@ OPEN = "<<<source [{n}] {label}>>>"
 CLOSE = "<<<end of source [{n}]>>>"
 DATAMARK = "^"
 
-# What a document may not write: marker brackets, chat-template tokens, and citation numbers.
+# What a document may not write: marker brackets and chat-template tokens (citation numbers: ``_CITED``).
 _ANGLES = re.compile(r"<(?=[<|])|\|(?=>)|>(?=>)")
-_BRACKETED = re.compile(r"\[(\s*\d+(?:\s*[,;]\s*\d+)*\s*)\]")
-# What an answer cites: [1], [1, 2], [1][2] (the last is two matches). The one pattern for citation markers:
-# scoring, attribution and the training targets strip them with ``strip_citations``.
-_CITED = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
+# The one pattern for citation markers: [1], [1, 2], [1; 3], [1][2] (the last is two matches). Documents have
+# theirs escaped to (n) by ``escape_source_text``; answers are read by ``cited_numbers``; scoring, attribution
+# and the training targets strip them with ``strip_citations``.
+_NUMBERS = r"\d+(?:\s*[,;]\s*\d+)*"
+_CITED = re.compile(r"\[\s*(" + _NUMBERS + r")\s*\]")
 _CITED_SPACED = re.compile(r"\s*" + _CITED.pattern)
+# Markers glued between two words ("9[1]and", "9[1][2]and") leave a space, not "9and".
+_CITED_GLUED = re.compile(r"(?<=\w)(?:\[\s*" + _NUMBERS + r"\s*\])+(?=\w)")
 
 
 def heading_text(heading: Any) -> str:
@@ -86,7 +89,7 @@ def source_label(chunk: ChunkLike) -> str:
 def escape_source_text(text: str) -> str:
     """Document text made unable to pose as prompt structure: no ``<<``/``>>``/``<|``/``|>`` (a space splits
     each pair), and ``[n]``/``[1, 2]`` written as ``(n)``/``(1, 2)``, so it can open no source and cite none."""
-    return _BRACKETED.sub(r"(\1)", _ANGLES.sub(lambda m: m.group(0) + " ", text))
+    return _CITED.sub(r"(\1)", _ANGLES.sub(lambda m: m.group(0) + " ", text))
 
 
 def _escaped_label(chunk: ChunkLike) -> str:
@@ -193,7 +196,7 @@ def cited_numbers(answer: str, count: int) -> list[int]:
 def strip_citations(text: str) -> str:
     """``text`` without its citation markers (and the spaces in front of them), e.g. ``[2] It opens at 9 [1].``
     becomes ``It opens at 9.``."""
-    return _CITED_SPACED.sub("", text).strip()
+    return _CITED_SPACED.sub("", _CITED_GLUED.sub(" ", text)).strip()
 
 
 def citations_for(chunks: Sequence[ChunkLike]) -> list[dict[str, Any]]:

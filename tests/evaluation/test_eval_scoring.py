@@ -47,6 +47,8 @@ def test_answer_matching(prediction: str, expected: str, ok: bool) -> None:
 def test_every_citation_form_is_stripped_before_scoring() -> None:
     # One pattern for markers: [1], [1, 2] and [1; 3] all go, and a leading marker leaves no stray space.
     assert strip_citations("[2] It opens at 9 [1, 3]. Closed Sundays [1; 2].") == "It opens at 9. Closed Sundays."
+    # Markers glued between words leave one space, so no two words run together.
+    assert strip_citations("It opens at 9[1]and closes at 5[1][2]pm.") == "It opens at 9 and closes at 5 pm."
     assert key_words("Pilots board at Gate 4 [1, 2].") == ["pilots", "board", "gate", "4"]
     assert key_words("[3] Pilots board at Gate 4.") == key_words("Pilots board at Gate 4.")
 

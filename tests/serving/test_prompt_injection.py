@@ -64,6 +64,8 @@ def test_escaping_keeps_the_words_and_is_stable() -> None:
     escaped = escape_source_text(text)
     assert escaped == "See (2) and (1, 3) < <here> > < |x| > a < b > c"
     assert escape_source_text(escaped) == escaped
+    # The same pattern as the answers' markers: padded ones are escaped too.
+    assert escape_source_text("see [ 4 ] and [2 ;3]") == "see (4) and (2 ;3)"
     assert "<<" not in escape_source_text("<" * 7) and ">>" not in escape_source_text(">" * 7)
 
 
