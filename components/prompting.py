@@ -64,11 +64,10 @@ _ANGLES = re.compile(r"<(?=[<|])|\|(?=>)|>(?=>)")
 # The one pattern for citation markers: [1], [1, 2], [1; 3], [1][2] (the last is two matches). Documents have
 # theirs escaped to (n) by ``escape_source_text``; answers are read by ``cited_numbers``; scoring, attribution
 # and the training targets strip them with ``strip_citations``.
-_NUMBERS = r"\d+(?:\s*[,;]\s*\d+)*"
-_CITED = re.compile(r"\[\s*(" + _NUMBERS + r")\s*\]")
+_CITED = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
 _CITED_SPACED = re.compile(r"\s*" + _CITED.pattern)
 # Markers glued between two words ("9[1]and", "9[1][2]and") leave a space, not "9and".
-_CITED_GLUED = re.compile(r"(?<=\w)(?:\[\s*" + _NUMBERS + r"\s*\])+(?=\w)")
+_CITED_GLUED = re.compile(r"(?<=\w)(?:" + _CITED.pattern + r")+(?=\w)")
 
 
 def heading_text(heading: Any) -> str:
