@@ -1,8 +1,9 @@
 """No evaluation data leaks into training: held-out and general questions, and held-out answer sentences.
 
-The sample domain's training examples and the shipped replay set are what every adapter is trained on; the
-held-out QA set and the general-knowledge set are what the gate and `tandem eval` score it on. A question or an
-answer sentence in both would score memorisation, not learning.
+A domain's training examples and the shipped replay set are what its adapter is trained on; its held-out QA set
+and the general-knowledge set are what the gate and `tandem eval` score it on. A question or an answer sentence
+in both would score memorisation, not learning. Checked for the sample and for the second domain
+(data/quillfern).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from components.ingest.loaders import load_document
 from components.settings import GENERAL_SET, REPLAY_SET, Settings
 from components.training.data import Example, load_dataset
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+DATA = Path(__file__).resolve().parents[2] / "data"
+SAMPLE = DATA / "sample"
 HELDOUT = SAMPLE / "qa" / "heldout.jsonl"
+DOMAINS = ("sample", "quillfern")  # each: docs/, train/, qa/heldout.jsonl
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
 
 
@@ -34,20 +37,20 @@ def _contains(haystack: str, needle: str) -> bool:
 
 
 @cache
-def _training_examples() -> dict[str, list[Example]]:
+def _training_examples(domain: str = "sample") -> dict[str, list[Example]]:
     out = {}
-    for name, location in (("train", SAMPLE / "train"), ("replay", REPLAY_SET)):
+    for name, location in (("train", DATA / domain / "train"), ("replay", REPLAY_SET)):
         data = load_dataset(str(location))
         assert data.examples and not data.problems, (name, data.problems[:3])
         out[name] = data.examples
     return out
 
 
-def _turns(role: str) -> list[tuple[str, str]]:
-    """(file:line, normalised content) of every ``role`` turn in the training data and the replay set."""
+def _turns(role: str, domain: str) -> list[tuple[str, str]]:
+    """(file:line, normalised content) of every ``role`` turn in the domain's training data and the replay set."""
     return [
         (example.origin, normalize(content))
-        for examples in _training_examples().values()
+        for examples in _training_examples(domain).values()
         for example in examples
         for turn_role, content in example.messages
         if turn_role == role
@@ -59,8 +62,8 @@ def _sentences(text: str) -> list[str]:
 
 
 @cache
-def _document_text(source: str) -> str:
-    path = SAMPLE / "docs" / source
+def _document_text(domain: str, source: str) -> str:
+    path = DATA / domain / "docs" / source
     return load_document(source, path.read_bytes()).text  # the ingest loaders: PDF and HTML become text
 
 
@@ -76,9 +79,11 @@ def test_the_sets_compared_are_tandems_defaults(monkeypatch: pytest.MonkeyPatch)
     assert len(_rows(HELDOUT)) >= 45 and len(_rows(GENERAL_SET)) == 30
 
 
-@pytest.mark.parametrize(("evaluation_set", "path"), [("heldout", HELDOUT), ("general", GENERAL_SET)])
-def test_no_evaluation_question_is_asked_in_training(evaluation_set: str, path: Path) -> None:
-    asked = _turns("user")
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("evaluation_set", ["heldout", "general"])
+def test_no_evaluation_question_is_asked_in_training(domain: str, evaluation_set: str) -> None:
+    path = DATA / domain / "qa" / "heldout.jsonl" if evaluation_set == "heldout" else GENERAL_SET
+    asked = _turns("user", domain)
     leaks = [
         f"{row['id']} {row['question']!r} in {origin}"
         for row in _rows(path)
@@ -88,14 +93,15 @@ def test_no_evaluation_question_is_asked_in_training(evaluation_set: str, path: 
     assert not leaks, f"{evaluation_set} questions in training data:\n" + "\n".join(leaks)
 
 
-def test_no_heldout_answer_sentence_is_a_training_target() -> None:
-    targets = _turns("assistant")
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_no_heldout_answer_sentence_is_a_training_target(domain: str) -> None:
+    targets = _turns("assistant", domain)
     leaks = []
-    for row in _rows(HELDOUT):
+    for row in _rows(DATA / domain / "qa" / "heldout.jsonl"):
         answer = normalize(row["answer"])
         sentences = {
             normalize(s)
-            for s in _sentences(_document_text(row["source"]))
+            for s in _sentences(_document_text(domain, row["source"]))
             if _contains(normalize(s), answer) and normalize(s) != answer
         }
         assert sentences, f"{row['id']}: answer {row['answer']!r} is in no sentence of {row['source']}"
