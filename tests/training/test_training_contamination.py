@@ -22,9 +22,15 @@ from components.training.data import Example, load_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 SAMPLE = DATA / "sample"
-HELDOUT = SAMPLE / "qa" / "heldout.jsonl"
 DOMAINS = ("sample", "quillfern")  # each: docs/, train/, qa/heldout.jsonl
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+
+
+def _heldout(domain: str) -> Path:
+    return DATA / domain / "qa" / "heldout.jsonl"
+
+
+HELDOUT = _heldout("sample")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -82,7 +88,7 @@ def test_the_sets_compared_are_tandems_defaults(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("domain", DOMAINS)
 @pytest.mark.parametrize("evaluation_set", ["heldout", "general"])
 def test_no_evaluation_question_is_asked_in_training(domain: str, evaluation_set: str) -> None:
-    path = DATA / domain / "qa" / "heldout.jsonl" if evaluation_set == "heldout" else GENERAL_SET
+    path = _heldout(domain) if evaluation_set == "heldout" else GENERAL_SET
     asked = _turns("user", domain)
     leaks = [
         f"{row['id']} {row['question']!r} in {origin}"
@@ -97,7 +103,7 @@ def test_no_evaluation_question_is_asked_in_training(domain: str, evaluation_set
 def test_no_heldout_answer_sentence_is_a_training_target(domain: str) -> None:
     targets = _turns("assistant", domain)
     leaks = []
-    for row in _rows(DATA / domain / "qa" / "heldout.jsonl"):
+    for row in _rows(_heldout(domain)):
         answer = normalize(row["answer"])
         sentences = {
             normalize(s)
