@@ -276,6 +276,10 @@ class Settings(BaseSettings):
     # the gate rejects a candidate whose loss on any set has an exact McNemar p below this (paired questions)
     gate_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     gate_max_questions: int = 60  # per evaluation set
+    # The gate's own domain questions (JSONL like qa_set), kept apart from qa_set, the questions `tandem eval`
+    # reports on, so that promotion and the reported figures never rest on the same questions. Empty: gate.jsonl
+    # beside qa_set when there is one (data/sample/qa/gate.jsonl for the sample), else none.
+    gate_qa_set: str = ""
     gate_max_tokens: int = 64
     gate_concurrency: int = 8
     adapter_store: str = ""  # folder or fsspec URL; empty: state_dir/adapters
@@ -291,18 +295,22 @@ class Settings(BaseSettings):
         # Resolved once, so Airflow tasks and subprocesses with another cwd find the same state.
         return value.expanduser().resolve()
 
-    @field_validator("docs_source", "train_data", "qa_set", mode="after")
+    @field_validator("docs_source", "train_data", "qa_set", "gate_qa_set", mode="after")
     @classmethod
     def _sample_data_from_checkout(cls, value: str) -> str:
+        if not value:
+            return value
         found = find_repo_path(value)
         return value if found == Path(value) else str(found)
 
     def data_locations(self) -> dict[str, DataLocation]:
-        """Where the data Tandem reads resolves to: docs, train (the default alias's), QA, general, replay."""
+        """Where the data Tandem reads resolves to: docs, train (the default alias's), QA, the gate's QA, general,
+        replay."""
         values = {
             "docs": self.docs_source,
             "train": self.train_data,
             "qa": self.qa_set,
+            "gate": self.gate_questions or "",
             "general": self.general_set,
             "replay": self.train_replay_data.strip(),
         }
@@ -316,6 +324,16 @@ class Settings(BaseSettings):
                 path = Path(value).expanduser().resolve()
                 out[name] = {"path": str(path), "exists": path.exists()}
         return out
+
+    @property
+    def gate_questions(self) -> str | None:
+        """The gate's QA file: gate_qa_set, else gate.jsonl beside a local qa_set when it exists, else None."""
+        if self.gate_qa_set:
+            return self.gate_qa_set
+        if not self.qa_set or "://" in self.qa_set:
+            return None
+        beside = Path(self.qa_set).with_name("gate.jsonl")
+        return str(beside) if beside.is_file() else None
 
     # Derived locations: all under state_dir, so two copies with different state dirs never touch.
     @property

@@ -119,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"  {c['name']:<16} {c['candidate']:.3f} vs {c['baseline']:.3f} on {c['n']:>3}  "
             f"diff {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  p={c['p']:.3g}  ({c['against']})"
         )
+    for note in gate.notes:
+        print(f"  note: {note}")
     decision = result.decision
     reason = decision.reason.split("; ")[0] if decision else ""
     if decision is not None and decision.promotion is not None:

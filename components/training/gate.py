@@ -7,7 +7,8 @@ Sets, built once so both models see the same text:
 * ``split_rag``: the alias's held-out set (fixed at its first training, versioned: ``components.training.heldout``;
   never the run's data), in the gateway's RAG prompt (rendered by ``components.training.raft``, as the adapter
   was trained), scored by ``reference_hit``;
-* ``qa_rag``: the domain QA set (settings.qa_set) in the gateway's RAG prompt, contained match;
+* ``qa_rag``: the gate's own domain QA set (settings.gate_questions: never a question of settings.qa_set, which
+  ``tandem eval`` reports on) in the gateway's RAG prompt, contained match;
 * ``split`` / ``qa``: the same questions without sources, only when retrieval is unavailable.
 
 Each set is compared question by question with the exact McNemar test and a 95 % interval of the difference
@@ -31,6 +32,7 @@ from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, 
 from components.records import Record
 from components.settings import Settings
 from components.training.data import Example
+from components.training.heldout import qa_questions
 from components.training.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,22 @@ def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("question") and r.get("answer")][:limit]
 
 
+def gate_qa_rows(settings: Settings, limit: int, notes: list[str]) -> list[dict[str, Any]]:
+    """The gate's domain QA questions, without any that the reported QA set (settings.qa_set) asks, so the
+    decision to promote never rests on the questions the final table is measured on. What is left out, and
+    why, goes into ``notes``."""
+    path = settings.gate_questions
+    if not path:
+        notes.append("no gate QA set (TANDEM_GATE_QA_SET, or gate.jsonl beside the QA set): domain judged on the split")
+        return []
+    reported = qa_questions(settings.qa_set)
+    rows = _read_qa(path, 10**9)
+    kept = [r for r in rows if normalize(str(r["question"])) not in reported]
+    if len(kept) < len(rows):
+        notes.append(f"{len(rows) - len(kept)} of {len(rows)} questions of {path} left out: the QA set reports on them")
+    return kept[:limit]
+
+
 def build_question_sets(
     settings: Settings,
     test_split: Sequence[Example],  # the alias's held-out set
@@ -223,7 +241,7 @@ def build_question_sets(
     }
     qa = [
         Question([{"role": "user", "content": r["question"]}], str(r["answer"]), True)
-        for r in _read_qa(settings.qa_set, limit)
+        for r in gate_qa_rows(settings, limit, notes)
     ]
     split = [
         Question(without_old_sources(ex)[:-1], ex.answer, short=len(ex.answer.split()) <= 6)

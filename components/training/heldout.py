@@ -160,9 +160,12 @@ def _question(e: Example) -> str:
     return normalize(users[-1]) if users else ""
 
 
-def _qa_questions(path: str) -> set[str]:
+def qa_questions(path: str | None) -> set[str]:
+    """The normalised questions of a QA file (empty when there is none or it does not parse)."""
     import fsspec
 
+    if not path:
+        return set()
     try:
         with fsspec.open(path, "r", encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
@@ -178,8 +181,9 @@ def drop_contaminated(
     digests = {e.digest for e in held.examples}
     asked = {
         "the held-out set": {_question(e) for e in held.examples} - {""},
-        "the QA set": _qa_questions(settings.qa_set),
-        "the general set": _qa_questions(settings.general_set),
+        "the QA set": qa_questions(settings.qa_set),
+        "the gate's QA set": qa_questions(settings.gate_questions),
+        "the general set": qa_questions(settings.general_set),
     }
     kept, dropped = [], []
     for e in examples:

@@ -16,8 +16,8 @@ from components.training.pipeline import load_replay
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DATA = Path(components.__file__).resolve().parent / "data"
-DATA_SETTINGS = ("DOCS_SOURCE", "TRAIN_DATA", "QA_SET", "GENERAL_SET", "TRAIN_REPLAY_DATA")
-NAMES = {"docs", "train", "qa", "general", "replay"}
+DATA_SETTINGS = ("DOCS_SOURCE", "TRAIN_DATA", "QA_SET", "GATE_QA_SET", "GENERAL_SET", "TRAIN_REPLAY_DATA")
+NAMES = {"docs", "train", "qa", "gate", "general", "replay"}
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def test_sample_defaults_resolve_to_the_checkout_from_any_folder(elsewhere: Path
     assert settings.qa_set == str(REPO_ROOT / "data" / "sample" / "qa" / "heldout.jsonl")
     assert Path(settings.docs_source).is_dir() and Path(settings.train_data).is_dir()
     assert Path(settings.qa_set).is_file()
+    assert settings.gate_questions == str(REPO_ROOT / "data" / "sample" / "qa" / "gate.jsonl")  # beside qa_set
     # the evaluation's QA lookup follows the same rule
     assert resolve_qa_path(settings, None) == Path(settings.qa_set)
     assert resolve_qa_path(settings, "data/sample/qa/heldout.jsonl") == Path(settings.qa_set)
@@ -71,6 +72,21 @@ def test_values_set_in_the_environment_are_kept(elsewhere: Path, monkeypatch: py
     assert locations["train"] == {"path": str(elsewhere / "no" / "such" / "folder"), "exists": False}
     assert locations["docs"] == {"path": "s3://bucket/docs", "exists": None}  # a URL is not checked
     assert locations["replay"] == {"path": None, "exists": None}  # off
+    assert settings.gate_questions is None  # no gate.jsonl beside that QA set: the gate has no QA set of its own
+    assert locations["gate"] == {"path": None, "exists": None}
+
+
+def test_the_gate_set_is_found_beside_the_qa_set_or_named(elsewhere: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    qa = elsewhere / "mine" / "heldout.jsonl"
+    qa.parent.mkdir()
+    qa.write_text("", encoding="utf-8")
+    (qa.parent / "gate.jsonl").write_text("", encoding="utf-8")
+    monkeypatch.setenv("TANDEM_QA_SET", str(qa))
+    assert Settings(_env_file=None).gate_questions == str(qa.parent / "gate.jsonl")
+    monkeypatch.setenv("TANDEM_GATE_QA_SET", "data/quillfern/qa/gate.jsonl")  # relative: found in the checkout
+    settings = Settings(_env_file=None)
+    assert settings.gate_questions == str(REPO_ROOT / "data" / "quillfern" / "qa" / "gate.jsonl")
+    assert settings.data_locations()["gate"]["exists"] is True
 
 
 def test_an_env_path_found_only_in_the_checkout_resolves_there(

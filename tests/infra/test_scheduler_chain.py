@@ -57,6 +57,9 @@ def chain_env(tmp_path_factory: pytest.TempPathFactory, base_model_dir: str) -> 
                for i, (c, a) in enumerate([("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome")])]  # fmt: skip
     env = {
         "TANDEM_QA_SET": str(_jsonl(root / "qa.jsonl", qa)),
+        "TANDEM_GATE_QA_SET": str(
+            _jsonl(root / "gate.jsonl", [{**r, "question": f"Please answer: {r['question']}"} for r in qa])
+        ),
         "TANDEM_GENERAL_SET": str(_jsonl(root / "general.jsonl", general)),
         "TANDEM_ALIASES": f"{ALIAS_A},{ALIAS_B}",
         "TANDEM_TRAIN_MAX_STEPS": "2",

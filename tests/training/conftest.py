@@ -47,6 +47,14 @@ def train_env(tmp_path_factory: pytest.TempPathFactory, base_model_dir: str) -> 
             for i, (q, a) in enumerate(FACTS[:3])
         )
     )
+    gate = root / "gate.jsonl"  # the gate's own QA set: the same facts, asked in other words than the report's
+    gate.write_text(
+        "".join(
+            json.dumps({"id": f"g{i}", "question": f"Please answer: {q}", "answer": a.split(" is ")[-1].rstrip(".")})
+            + "\n"
+            for i, (q, a) in enumerate(FACTS[:3])
+        )
+    )
     general = root / "general.jsonl"
     general.write_text(
         "".join(
@@ -56,6 +64,7 @@ def train_env(tmp_path_factory: pytest.TempPathFactory, base_model_dir: str) -> 
     )
     env = {
         "TANDEM_QA_SET": str(qa),
+        "TANDEM_GATE_QA_SET": str(gate),
         "TANDEM_GENERAL_SET": str(general),
         "TANDEM_TRAIN_MAX_STEPS": "2",
         "TANDEM_TRAIN_BATCH_SIZE": "4",

@@ -1,9 +1,11 @@
-"""No evaluation data leaks into training: held-out and general questions, and held-out answer sentences.
+"""No evaluation data leaks into training: held-out, gate and general questions, and held-out answer sentences;
+and the gate's questions are not the reported ones.
 
 A domain's training examples and the shipped replay set are what its adapter is trained on; its held-out QA set
-and the general-knowledge set are what the gate and `tandem eval` score it on. A question or an answer sentence
-in both would score memorisation, not learning. Checked for the sample and for the second domain
-(data/quillfern).
+is what `tandem eval` reports on, its gate set (qa/gate.jsonl) and the general-knowledge set are what the gate
+decides on. A question or an answer sentence in both would score memorisation, not learning; a gate question
+that is also a held-out one would let the promotion decision pick adapters on the reported questions. Checked for
+the sample and for the second domain (data/quillfern).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
 
 def _heldout(domain: str) -> Path:
     return DATA / domain / "qa" / "heldout.jsonl"
+
+
+def _gate(domain: str) -> Path:
+    return DATA / domain / "qa" / "gate.jsonl"
 
 
 HELDOUT = _heldout("sample")
@@ -86,9 +92,9 @@ def test_the_sets_compared_are_tandems_defaults(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-@pytest.mark.parametrize("evaluation_set", ["heldout", "general"])
+@pytest.mark.parametrize("evaluation_set", ["heldout", "gate", "general"])
 def test_no_evaluation_question_is_asked_in_training(domain: str, evaluation_set: str) -> None:
-    path = _heldout(domain) if evaluation_set == "heldout" else GENERAL_SET
+    path = {"heldout": _heldout(domain), "gate": _gate(domain), "general": GENERAL_SET}[evaluation_set]
     asked = _turns("user", domain)
     leaks = [
         f"{row['id']} {row['question']!r} in {origin}"
@@ -118,3 +124,19 @@ def test_no_heldout_answer_sentence_is_a_training_target(domain: str) -> None:
             if _contains(target, sentence)
         ]
     assert not leaks, "held-out answer sentences in training targets:\n" + "\n".join(leaks)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_gate_asks_nothing_the_report_asks(domain: str) -> None:
+    """No gate question is a held-out question, and none asks for a held-out fact (the same answer from the same
+    document); every gate answer is in its document, as the held-out ones are."""
+    heldout, gate = _rows(_heldout(domain)), _rows(_gate(domain))
+    assert len(gate) >= 20
+    questions = {normalize(r["question"]) for r in heldout}
+    facts = {(normalize(r["answer"]), r["source"]) for r in heldout}
+    shared = [
+        r["id"] for r in gate if normalize(r["question"]) in questions or (normalize(r["answer"]), r["source"]) in facts
+    ]
+    assert not shared, f"gate questions the held-out set also asks: {shared}"
+    missing = [r["id"] for r in gate if normalize(r["answer"]) not in normalize(_document_text(domain, r["source"]))]
+    assert not missing, f"gate answers not in their source document: {missing}"

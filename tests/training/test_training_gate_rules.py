@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from components.evaluation.scoring import key_words
-from components.training.gate import GateResult, Question, decide, paired_difference, reference_hit, regressions
+from components.settings import Settings
+from components.training.gate import (
+    GateResult,
+    Question,
+    decide,
+    gate_qa_rows,
+    paired_difference,
+    reference_hit,
+    regressions,
+)
 from components.training.lora import TrainResult
 from components.training.pipeline import pick_best, sweep_points
 from components.training.results import Decision, GatedCandidate, RegisteredCandidate, TrainedCandidate
@@ -134,3 +144,25 @@ def test_a_set_too_small_to_test_may_lose_nothing() -> None:
     assert not ok and reasons[0].startswith("a loss on a set too small to test (under 6 questions): general")
     ok, _, _ = decide({"general": _hits(3, 3), "qa": _hits(1, 3)}, base, 0.05)
     assert ok
+
+
+def test_the_gate_leaves_out_the_questions_the_report_asks(tmp_path: Path) -> None:
+    """The gate's domain QA set never asks what `tandem eval` reports on (normalised), and says what it left out."""
+    qa, gate = tmp_path / "heldout.jsonl", tmp_path / "gate.jsonl"
+    qa.write_text(json.dumps({"question": "What is the pilotage fee?", "answer": "260 HC"}) + "\n", encoding="utf-8")
+    rows = [
+        {"question": "what is the Pilotage fee", "answer": "260 HC"},
+        {"question": "Who runs the lock?", "answer": "X"},
+    ]
+    gate.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    notes: list[str] = []
+    kept = gate_qa_rows(Settings(_env_file=None, qa_set=str(qa)), 60, notes)  # found beside the QA set
+    assert [r["question"] for r in kept] == ["Who runs the lock?"]
+    assert notes == [f"1 of 2 questions of {gate} left out: the QA set reports on them"]
+    notes = []  # the reported set named as the gate's: nothing is left to ask, and the notes say so
+    assert gate_qa_rows(Settings(_env_file=None, qa_set=str(qa), gate_qa_set=str(qa)), 60, notes) == []
+    assert notes == [f"1 of 1 questions of {qa} left out: the QA set reports on them"]
+    gate.unlink()
+    notes = []
+    assert gate_qa_rows(Settings(_env_file=None, qa_set=str(qa)), 60, notes) == []
+    assert notes and notes[0].startswith("no gate QA set")
