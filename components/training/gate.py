@@ -32,7 +32,7 @@ from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, 
 from components.records import Record
 from components.settings import Settings
 from components.training.data import Example
-from components.training.heldout import qa_questions
+from components.training.heldout import missing_gate_set, qa_questions
 from components.training.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,8 @@ def gate_qa_rows(settings: Settings, limit: int, notes: list[str]) -> list[dict[
         return []
     reported = qa_questions(settings.qa_set)
     rows = _read_qa(path, 10**9)
+    if not rows and settings.gate_qa_set:  # named, yet nothing to read: refuse rather than judge without it
+        raise missing_gate_set(path)
     kept = [r for r in rows if normalize(str(r["question"])) not in reported]
     if len(kept) < len(rows):
         notes.append(f"{len(rows) - len(kept)} of {len(rows)} questions of {path} left out: the QA set reports on them")

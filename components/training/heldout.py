@@ -174,15 +174,26 @@ def qa_questions(path: str | None) -> set[str]:
     return {normalize(str(r["question"])) for r in rows if isinstance(r, dict) and r.get("question")}
 
 
+def missing_gate_set(path: str) -> ConfigError:
+    """The one-line refusal for a gate QA set that is named (TANDEM_GATE_QA_SET) but has no question to ask."""
+    return ConfigError(
+        f"gate QA set {path} (TANDEM_GATE_QA_SET) is missing or holds no question: expected a JSONL file of "
+        '{"question", "answer"} lines'
+    )
+
+
 def drop_contaminated(
     settings: Settings, examples: Iterable[Example], held: HeldoutSet
 ) -> tuple[list[Example], list[str]]:
     """The examples the gate does not ask, and ``origin: why`` for each one dropped from training."""
     digests = {e.digest for e in held.examples}
+    gate_asks = qa_questions(settings.gate_questions)
+    if settings.gate_qa_set and not gate_asks:  # refused before training, not after it at the gate
+        raise missing_gate_set(settings.gate_qa_set)
     asked = {
         "the held-out set": {_question(e) for e in held.examples} - {""},
         "the QA set": qa_questions(settings.qa_set),
-        "the gate's QA set": qa_questions(settings.gate_questions),
+        "the gate's QA set": gate_asks,
         "the general set": qa_questions(settings.general_set),
     }
     kept, dropped = [], []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from components.errors import ConfigError
 from components.evaluation.scoring import key_words
 from components.settings import Settings
 from components.training.gate import (
@@ -18,6 +20,7 @@ from components.training.gate import (
     reference_hit,
     regressions,
 )
+from components.training.heldout import HeldoutSet, drop_contaminated
 from components.training.lora import TrainResult
 from components.training.pipeline import pick_best, sweep_points
 from components.training.results import Decision, GatedCandidate, RegisteredCandidate, TrainedCandidate
@@ -166,3 +169,9 @@ def test_the_gate_leaves_out_the_questions_the_report_asks(tmp_path: Path) -> No
     notes = []
     assert gate_qa_rows(Settings(_env_file=None, qa_set=str(qa)), 60, notes) == []
     assert notes and notes[0].startswith("no gate QA set")
+    named = Settings(_env_file=None, qa_set=str(qa), gate_qa_set=str(gate))  # named, not there: refused
+    with pytest.raises(ConfigError, match=r"gate QA set .*gate\.jsonl \(TANDEM_GATE_QA_SET\) is missing"):
+        gate_qa_rows(named, 60, [])
+    held = HeldoutSet("a", 1, "h", [], "data", "first training", datetime.now(UTC))
+    with pytest.raises(ConfigError, match=r"\(TANDEM_GATE_QA_SET\) is missing"):  # before training, not after
+        drop_contaminated(named, [], held)
