@@ -4,7 +4,7 @@
 Usage: python data/sample/check_data.py
 
 Checks the knowledge base (docs/), the training examples (train/examples.jsonl),
-the held-out questions (qa/heldout.jsonl) and the general-knowledge set, which
+the held-out questions (qa/heldout.jsonl), the gate's questions (qa/gate.jsonl) and the general-knowledge set, which
 ships in the package (components/data/general_knowledge.jsonl). PDF text is read with pypdf when it is
 importable, otherwise with a small built-in reader for the uncompressed-font,
 Flate-compressed PDFs in this folder. Exits with status 1 if any check fails.
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent
 DOCS = ROOT / "docs"
 EXAMPLES = ROOT / "train" / "examples.jsonl"
 HELDOUT = ROOT / "qa" / "heldout.jsonl"
+GATE = ROOT / "qa" / "gate.jsonl"
 REPO = ROOT.parents[1]
 GENERAL = REPO / "components" / "data" / "general_knowledge.jsonl"  # package data, found from any folder
 
@@ -35,7 +36,7 @@ MIN_DOCS, MIN_PDFS = 32, 2
 DOC_CHARS = (1000, 5000)
 MIN_EXAMPLES, MIN_PLAIN, MIN_GROUNDED, MIN_DONT_KNOW = 170, 90, 60, 6
 EXCERPT_CHARS = (200, 600)
-MIN_HELDOUT, GENERAL_COUNT = 45, 30
+MIN_HELDOUT, MIN_GATE, GENERAL_COUNT = 45, 30, 30
 
 errors = []
 warnings = []
@@ -241,38 +242,44 @@ def words(text):
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def check_heldout(docs, train_questions):
-    rows = read_jsonl(HELDOUT)
+def check_qa(path, minimum, docs, train_questions, reported=frozenset()):
+    """A QA file (held-out or gate): its rows, answers in their sources, no training question; a gate file also
+    asks no question of ``reported`` (the held-out set). Returns its count and its lowercased questions."""
+    name = path.name
+    rows = read_jsonl(path)
     raw_examples = EXAMPLES.read_text(encoding="utf-8").lower() if EXAMPLES.exists() else ""
-    ids = set()
+    ids, questions = set(), set()
     for i, row in rows:
         if set(row) != {"id", "question", "answer", "source"} or not all(isinstance(v, str) and v for v in row.values()):
-            err(f"heldout.jsonl:{i}: expected non-empty string fields id, question, answer, source")
+            err(f"{name}:{i}: expected non-empty string fields id, question, answer, source")
             continue
         if row["id"] in ids:
-            err(f"heldout.jsonl:{i}: duplicate id {row['id']}")
+            err(f"{name}:{i}: duplicate id {row['id']}")
         ids.add(row["id"])
         if not 1 <= len(row["answer"].split()) <= 5:
-            err(f"heldout.jsonl:{i}: answer should be 1-5 words")
+            err(f"{name}:{i}: answer should be 1-5 words")
         src = row["source"]
         if src not in docs:
-            err(f"heldout.jsonl:{i}: source {src} not found under docs/")
+            err(f"{name}:{i}: source {src} not found under docs/")
         else:
             text = " ".join(docs[src]["text"].split()).lower()
             if row["answer"].lower() not in text:
-                err(f"heldout.jsonl:{i}: answer {row['answer']!r} not found in {src}")
+                err(f"{name}:{i}: answer {row['answer']!r} not found in {src}")
         q = row["question"]
+        questions.add(q.lower())
         if q.lower() in raw_examples:
-            err(f"heldout.jsonl:{i}: question appears in examples.jsonl")
+            err(f"{name}:{i}: question appears in examples.jsonl")
+        if q.lower() in reported:
+            err(f"{name}:{i}: question is also a held-out question")
         qw = words(q)
         for tq in train_questions:
             tw = words(tq)
             jac = len(qw & tw) / max(1, len(qw | tw))
             if jac >= 0.7:
-                warnings.append(f"heldout.jsonl:{i}: similar to a training question ({jac:.2f}): {tq!r}")
-    if len(rows) < MIN_HELDOUT:
-        err(f"heldout.jsonl: {len(rows)} questions, expected at least {MIN_HELDOUT}")
-    return len(rows)
+                warnings.append(f"{name}:{i}: similar to a training question ({jac:.2f}): {tq!r}")
+    if len(rows) < minimum:
+        err(f"{name}: {len(rows)} questions, expected at least {minimum}")
+    return len(rows), questions
 
 
 def check_general():
@@ -295,12 +302,13 @@ def check_general():
 def main():
     docs, kinds = check_docs()
     counts, train_questions = check_examples(docs)
-    n_heldout = check_heldout(docs, train_questions)
+    n_heldout, heldout_questions = check_qa(HELDOUT, MIN_HELDOUT, docs, train_questions)
+    n_gate, _ = check_qa(GATE, MIN_GATE, docs, train_questions, heldout_questions)
     n_general = check_general()
     print(f"docs: {len(docs)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
     print(f"examples: {sum(counts.values())} (plain {counts['plain']}, grounded {counts['grounded']}, "
           f"do-not-know {counts['dont_know']})")
-    print(f"heldout: {n_heldout}, general: {n_general}")
+    print(f"heldout: {n_heldout}, gate: {n_gate}, general: {n_general}")
     for w in warnings:
         print("WARNING:", w)
     for e in errors:
