@@ -32,7 +32,7 @@ from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, 
 from components.records import Record
 from components.settings import Settings
 from components.training.data import Example
-from components.training.heldout import missing_gate_set, qa_questions
+from components.training.heldout import missing_gate_set, qa_questions, qa_rows
 from components.training.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
@@ -195,17 +195,8 @@ def decide(
     return True, [f"no significant loss (p < {alpha}) and {gain}: {pooled.line()}", *lines], comparisons
 
 
-def _read_qa(path: str, limit: int) -> list[dict[str, Any]]:
-    import json
-
-    import fsspec
-
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    except FileNotFoundError:
-        return []
-    return [r for r in rows if r.get("question") and r.get("answer")][:limit]
+def _read_qa(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    return [r for r in qa_rows(path) if r.get("question") and r.get("answer")][:limit]
 
 
 def gate_qa_rows(settings: Settings, limit: int, notes: list[str]) -> list[dict[str, Any]]:
@@ -217,7 +208,7 @@ def gate_qa_rows(settings: Settings, limit: int, notes: list[str]) -> list[dict[
         notes.append("no gate QA set (TANDEM_GATE_QA_SET, or gate.jsonl beside the QA set): domain judged on the split")
         return []
     reported = qa_questions(settings.qa_set)
-    rows = _read_qa(path, 10**9)
+    rows = _read_qa(path)
     if not rows and settings.gate_qa_set:  # named, yet nothing to read: refuse rather than judge without it
         raise missing_gate_set(path)
     kept = [r for r in rows if normalize(str(r["question"])) not in reported]

@@ -160,16 +160,25 @@ def _question(e: Example) -> str:
     return normalize(users[-1]) if users else ""
 
 
-def qa_questions(path: str | None) -> set[str]:
-    """The normalised questions of a QA file (empty when there is none or it does not parse)."""
+def qa_rows(path: str) -> list[Any]:
+    """The parsed lines of a QA file (JSONL, any fsspec location): [] when it does not exist; a line that is not
+    JSON raises ValueError. The gate's sets and the contamination check both read QA files through it."""
     import fsspec
 
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def qa_questions(path: str | None) -> set[str]:
+    """The normalised questions of a QA file (empty when there is none or it does not parse)."""
     if not path:
         return set()
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    except (FileNotFoundError, ValueError):
+        rows = qa_rows(path)
+    except ValueError:
         return set()
     return {normalize(str(r["question"])) for r in rows if isinstance(r, dict) and r.get("question")}
 
