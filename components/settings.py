@@ -282,6 +282,10 @@ class Settings(BaseSettings):
     gate_qa_set: str = ""
     gate_max_tokens: int = 64
     gate_concurrency: int = 8
+    # The gate reuses a model's earlier answer to the same prompt (components/training/answer_cache.py): a retrain
+    # against an unchanged champion asks vLLM only for the candidate. Answers unused this many days are dropped.
+    gate_answer_cache: bool = True
+    gate_answer_cache_days: int = Field(default=30, ge=1)
     adapter_store: str = ""  # folder or fsspec URL; empty: state_dir/adapters
 
     _split_lists = field_validator("vllm_urls", "api_keys", "admin_api_keys", "lora_target_modules", mode="before")(

@@ -31,6 +31,7 @@ from typing import Any
 from components.evaluation.scoring import answer_matches, key_words, mcnemar_p, normalize
 from components.records import Record
 from components.settings import Settings
+from components.training.answer_cache import AnswerCache, answer_key, cacheable
 from components.training.data import Example
 from components.training.heldout import missing_gate_set, qa_questions, qa_rows
 from components.training.vllm_client import VllmClient
@@ -264,23 +265,40 @@ def build_question_sets(
 
 
 def answer_all(
-    client: VllmClient, model: str, sets: dict[str, list[Question]], settings: Settings
+    client: VllmClient,
+    model: str,
+    sets: dict[str, list[Question]],
+    settings: Settings,
+    cache: AnswerCache | None = None,
+    identity: str = "",
 ) -> dict[str, list[str]]:
     """Every question of every set, asked concurrently (vLLM batches them); RAG questions with the gateway's
-    RAG decoding defaults."""
+    RAG decoding defaults. With a ``cache``, what this model (``identity``, see ``answer_cache.model_identity``)
+    already answered to the same prompt and sampling is reused, only the rest is asked, and the new answers are
+    stored."""
     from components.prompting import decoding_defaults
 
-    def ask(q: Question) -> str:
+    def request(q: Question) -> tuple[int, dict[str, Any]]:
         sampling = decoding_defaults(settings, adapter=model != settings.served_model_name) if q.rag else {}
         max_tokens = int(sampling.pop("max_tokens", settings.gate_max_tokens))
-        return client.chat(model, q.messages, min(max_tokens, settings.gate_max_tokens), **sampling)
+        return min(max_tokens, settings.gate_max_tokens), sampling
 
-    flat = [(name, q) for name, questions in sets.items() for q in questions]
+    flat = [(name, q, *request(q)) for name, questions in sets.items() for q in questions]
+    keys = [
+        answer_key(identity, q.messages, max_tokens, sampling) if cache and cacheable(sampling) else None
+        for _, q, max_tokens, sampling in flat
+    ]
+    known = cache.get([k for k in keys if k]) if cache else {}
+    todo = [i for i, k in enumerate(keys) if k is None or k not in known]
     with ThreadPoolExecutor(max_workers=max(1, settings.gate_concurrency)) as pool:
-        got = list(pool.map(lambda item: ask(item[1]), flat))
+        got = list(pool.map(lambda i: client.chat(model, flat[i][1].messages, flat[i][2], **flat[i][3]), todo))
+    fresh = dict(zip(todo, got, strict=True))
+    if cache:
+        cache.put([(k, model, fresh[i]) for i, k in enumerate(keys) if k and i in fresh])
     answers: dict[str, list[str]] = {name: [] for name in sets}
-    for (name, _), answer in zip(flat, got, strict=True):
-        answers[name].append(answer)
+    for i, (name, *_) in enumerate(flat):
+        key = keys[i]
+        answers[name].append(fresh[i] if i in fresh or key is None else known[key])
     return answers
 
 

@@ -26,6 +26,7 @@ from components.db import connect
 from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 from components.training import artifacts, heldout
+from components.training.answer_cache import AnswerCache, model_identity
 from components.training.data import Dataset, Example, load_dataset, split_dataset
 from components.training.gate import (
     GENERAL,
@@ -352,6 +353,16 @@ def register_candidate(settings: Settings, trained: TrainedCandidate) -> Registe
     return RegisteredCandidate(alias=alias, version=version.version, served_name=version.served_name, artifact_uri=uri)
 
 
+def gate_question_sets(
+    conn: Any, settings: Settings, alias: str, data: str | None = None
+) -> tuple[heldout.HeldoutSet, dict[str, list[Question]], list[str]]:
+    """The alias's held-out set and the prompts the gate asks both models (with the live index's sources)."""
+    held = heldout.ensure(conn, settings, alias, data)
+    retriever = make_retriever(settings, conn) if settings.train_with_sources else None
+    sets, notes = build_question_sets(settings, held.examples, retriever)
+    return held, sets, notes
+
+
 def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None = None) -> GateResult:
     """Ask the candidate and the champion (or base model) the same questions through vLLM and decide on the
     paired outcomes (``components.training.gate``).
@@ -371,9 +382,7 @@ def evaluate_gate(settings: Settings, alias: str, version: int, data: str | None
             result = GateResult(False, [too_big])
             _record(conn, alias, version, result)
             return result
-        held = heldout.ensure(conn, settings, alias, data)
-        retriever = make_retriever(settings, conn) if settings.train_with_sources else None
-        sets, notes = build_question_sets(settings, held.examples, retriever)
+        held, sets, notes = gate_question_sets(conn, settings, alias, data)
     with VllmClient.for_settings(settings) as client:
         passed = False
         try:
@@ -400,20 +409,34 @@ def _score(
     sets: dict[str, list[Question]],
     notes: list[str],
 ) -> GateResult:
-    """Both models' answers to every set, and the verdict on them."""
+    """Both models' answers to every set, and the verdict on them. Answers a model already gave to the same
+    prompt in an earlier gate are reused (``answer_cache``)."""
+    from components.models import base_model_path
+
+    base_id = model_identity(settings, settings.served_model_name, base_model_path(settings))
     if champion is not None and champion.version != cand.version:
-        client.load_adapter(champion.served_name, artifacts.local_path(settings, champion.artifact_uri))
+        champion_dir = artifacts.local_path(settings, champion.artifact_uri)
+        client.load_adapter(champion.served_name, champion_dir)
         baseline_model = champion.served_name
+        baseline_id = model_identity(settings, champion.served_name, champion_dir)
     else:
-        baseline_model = settings.served_model_name
-    cand_answers = answer_all(client, cand.served_name, sets, settings)
-    base_answers = answer_all(client, baseline_model, sets, settings)
+        baseline_model, baseline_id = settings.served_model_name, base_id
+    cache = AnswerCache(settings) if settings.gate_answer_cache else None
+    if cache:
+        cache.prune()
+    cand_id = model_identity(settings, cand.served_name, artifacts.local_path(settings, cand.artifact_uri))
+    cand_answers = answer_all(client, cand.served_name, sets, settings, cache, cand_id)
+    base_answers = answer_all(client, baseline_model, sets, settings, cache, baseline_id)
     cand_hits, base_hits = outcomes(sets, cand_answers), outcomes(sets, base_answers)
     against_base = baseline_model == settings.served_model_name
     base_general = None
     if not against_base and GENERAL in sets:  # the base model anchors general knowledge
         general_only = {GENERAL: sets[GENERAL]}
-        base_general = outcomes(general_only, answer_all(client, settings.served_model_name, general_only, settings))
+        base_general = outcomes(
+            general_only, answer_all(client, settings.served_model_name, general_only, settings, cache, base_id)
+        )
+    if cache:
+        notes.append(f"{cache.found} of {cache.looked_up} answers reused from earlier gates (same model and prompt)")
     against = "the base model" if against_base else "the champion"
     ok, reasons, comparisons = decide(
         cand_hits, base_hits, settings.gate_alpha, against, base_general[GENERAL] if base_general else None

@@ -53,6 +53,9 @@ def test_a_runs_data_never_changes_what_the_gate_asks(first_run: RetrainResult, 
     assert second.gate is not None and second.training is not None and second.candidate is not None
     gate = second.gate
     assert gate.heldout == held  # same version, same content hash: judged on the questions fixed at first
+    # the baseline (champion or base model) answered these prompts in the first gate: not asked again
+    reused = [n for n in gate.notes if n.endswith("answers reused from earlier gates (same model and prompt)")]
+    assert len(reused) == 1 and int(reused[0].split()[0]) > 0, gate.notes
     assert gate.counts["split"] == 3
     dropped = second.training.contaminated
     assert sum("(the held-out set)" in d for d in dropped) == 3  # every held-out question left out of training
