@@ -6,8 +6,8 @@ Both runs ask an adapter version of the alias (its champion unless ``--version``
 real question sets for that alias, through the running vLLM. The candidate is asked afresh in both runs (its
 cache entries are kept under a name of the bench's own, removed afterwards), so the second run is a retrain's
 gate: a new candidate, an unchanged baseline. That the candidate's two fresh answer sheets agree is reported too:
-it is what makes reusing a temperature-0 answer sound. Writes bench/results/gate.json. Needs Postgres and vLLM up
-(`tandem up --only postgres,vllm`) and an alias with an adapter version.
+it is what makes reusing a temperature-0 answer sound. Writes bench/results/gate.json (``--out``). Needs Postgres
+and vLLM up (`tandem up --only postgres,vllm`) and an alias with an adapter version.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", default="harbour", help="alias whose adapter and question sets to use (default harbour)")
     p.add_argument("--version", type=int, help="adapter version to ask (default: the alias's champion)")
     p.add_argument("--questions", type=int, help="questions per gate set (default: settings.gate_max_questions)")
+    p.add_argument("--out", default=str(RESULTS), help=f"where to write the figures (default {RESULTS})")
     add_json_flag(p)
     p.set_defaults(func=cmd_bench_gate)
 
@@ -105,8 +106,9 @@ def cmd_bench_gate(args: argparse.Namespace) -> int:
         "candidate_reasked_identical": f"{same}/{sum(counts.values())}",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print_json(result)
     else:
@@ -116,5 +118,5 @@ def cmd_bench_gate(args: argparse.Namespace) -> int:
             f"speed-up {result['speedup']}x; the candidate asked twice gave the same answer "
             f"{result['candidate_reasked_identical']}"
         )
-        print(f"written to {RESULTS}")
+        print(f"written to {out}")
     return 0

@@ -3,6 +3,7 @@ candidate whose scoring fails is unloaded again with the registry left as it was
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,34 @@ def test_candidate_whose_scoring_fails_is_unloaded(first_run: RetrainResult, mon
         champion_after = registry.get_champion(conn, ALIAS)
     assert after.status == "candidate" and "gate" not in after.metrics  # no verdict recorded
     assert (champion_after and champion_after.version) == (champion_before and champion_before.version)
+
+
+def test_bench_gate_asks_the_baseline_once_and_cleans_up_after_itself(
+    first_run: RetrainResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from components.cli import main
+
+    assert first_run.candidate is not None
+    served = first_run.candidate.served_name
+    count = "SELECT count(*) FROM gate_answers WHERE model = %s"
+    with connect() as conn:
+        before = conn.execute(count, (served,)).fetchone()
+    out = tmp_path / "gate.json"
+    get_settings.cache_clear()
+    argv = ["bench", "gate", "--alias", ALIAS, "--version", str(first_run.candidate.version), "--questions", "2"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert printed == result and result["adapter"] == served
+    n = sum(result["questions"].values())
+    assert n > 0
+    peer, retrain = result["runs"]["every_answer_asked"], result["runs"]["baseline_from_cache"]
+    assert (peer["asked"], peer["reused"]) == (2 * n, 0)
+    assert (retrain["asked"], retrain["reused"]) == (n, n)  # the baseline came from the cache, all of it
+    same, total = map(int, result["candidate_reasked_identical"].split("/"))
+    assert total == n and 0 <= same <= n
+    with connect() as conn:
+        assert conn.execute(count, (served,)).fetchone() == before  # the bench's candidate entries are gone
+
+    assert main(["bench", "gate", "--alias", "no-such-alias"]) == 2
+    assert "has no champion" in capsys.readouterr().err
