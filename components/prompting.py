@@ -229,3 +229,13 @@ def attributed_sources(
 
     numbers = attribute(answer, [c.text for c in chunks])
     return [retrieved[n - 1] for n in numbers if 0 < n <= len(retrieved)]
+
+
+def missing_citation(retrieved: Sequence[dict[str, Any]], chunks: Sequence[ChunkLike], answer: str) -> str:
+    """What the gateway appends to a grounded answer that cites no source: the markers of the sources its
+    sentences stand on (``attributed_sources``), `` [1]`` or `` [1, 3]``; '' when the answer cites a source
+    itself or no source holds it."""
+    if cited_numbers(answer, len(retrieved)):
+        return ""
+    numbers = [str(r["index"]) for r in attributed_sources(retrieved, chunks, answer)]
+    return f" [{', '.join(numbers)}]" if numbers else ""

@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     rag_decoding_adapter: dict[str, Any] = Field(
         default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 96}
     )
+    # A grounded answer that cites no source gets the markers of the sources its sentences stand on appended
+    # (" [1]", the gateway's attribution; README "Citations the gateway writes"); off: the text is the model's
+    rag_cite_attributed: bool = True
     reconcile_interval_s: float = 5.0
     # Fleet lifecycle (serving/lifecycle.py, README "Fleet: promotion, drain, reconcile"): gateways LISTEN for
     # registry switches (off: only the reconcile round picks them up); a second promotion of one alias waits this

@@ -144,6 +144,16 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+ANSWER_CITATIONS = Counter(
+    "answer_citations",
+    "Grounded answers by who cited their source: model (the answer carries its own [n]), gateway (it cited "
+    "none; the gateway appended the sources its sentences stand on), none (no source holds its sentences, or "
+    "the gateway's citing is off).",
+    ["alias", "cited_by"],
+    namespace=NS,
+    subsystem="rag",
+    registry=REGISTRY,
+)
 PROMPT_TOKENS = Counter(
     "prompt_tokens",
     "Prompt tokens sent to vLLM.",

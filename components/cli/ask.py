@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n-- {served}{note}")
     cited = {c["index"] for c in result["citations"]}
     uncited = [c for c in result.get("attributions") or [] if c["index"] not in cited]
-    for c, how in [*((c, "cited") for c in result["citations"]), *((c, "holds its words, not cited") for c in uncited)]:
+    # The gateway writes the markers of an answer that cited nothing itself: the sources that hold its words.
+    by = "cited by the gateway, holds its words" if 0 in (tandem.get("gateway_cited") or []) else "cited"
+    for c, how in [*((c, by) for c in result["citations"]), *((c, "holds its words, not cited") for c in uncited)]:
         heading = f" > {c['heading']}" if c.get("heading") else ""
         print(f"[{c['index']}] {c['document_path']}{heading}  ({how}; {c['source']}, score {c['score']:.3f})")
     return 0

@@ -89,6 +89,22 @@ def _index_line(report: EvalReport) -> str:
     return f"{ix.documents} documents, {ix.chunks} chunks ({ix.embedding_model or 'unknown model'}), last ingest {when}"
 
 
+def _citation_note(report: EvalReport) -> list[str]:
+    """Who wrote the markers "expected source cited" counts: the model, or the gateway for an answer that cited
+    nothing (its attribution); empty when no retrieval arm was measured."""
+    counts = [
+        f"{a.label} {sum(x.gateway_cited for x in a.answers)}/{len(a.answers)}"
+        for a in report.arms
+        if a.rag and a.measured
+    ]
+    if not counts:
+        return []
+    return [
+        "- citations: the `[n]` an answer carries, its own or, where it wrote none, the gateway's markers of the "
+        f"sources that hold its words; answers cited by the gateway: {', '.join(counts)}"
+    ]
+
+
 def markdown_report(report: EvalReport, chart_name: str | None = "chart.png") -> str:
     version = f"v{report.adapter_version}" if report.adapter_version is not None else "(no champion)"
     parts = [
@@ -101,6 +117,7 @@ def markdown_report(report: EvalReport, chart_name: str | None = "chart.png") ->
         f"- index: {_index_line(report)}",
         f"- arms without retrieval: temperature 0, max_tokens {report.max_tokens}; arms with retrieval: the "
         f"gateway's RAG decoding defaults of each arm; top_k {report.top_k}, concurrency {report.concurrency}",
+        *_citation_note(report),
         "",
         markdown_table(report),
         "",

@@ -54,6 +54,8 @@ class Answer:
     adapter_version: int | None = None
     fallback: bool = False  # the gateway served the alias with the base model (adapter failed to load)
     error: str | None = None
+    # The answer cited nothing itself and its markers are the gateway's (the sources that hold its words)
+    gateway_cited: bool = False
 
 
 @dataclass

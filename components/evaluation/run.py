@@ -87,6 +87,7 @@ def _answer_from(item: QAItem, arm: Arm, resp: Any, latency: float) -> Answer:
         served_model=tandem.get("served_model") or resp.model,
         adapter_version=tandem.get("adapter_version"),
         fallback=bool(tandem.get("fallback")),
+        gateway_cited=0 in (tandem.get("gateway_cited") or []),
     )
 
 

@@ -18,6 +18,7 @@ from components.prompting import (
     citations_for,
     cited_sources,
     decoding_defaults,
+    missing_citation,
     query_text,
 )
 from serving import answer_log
@@ -65,6 +66,61 @@ def reserved_tokens(req: ChatCompletionRequest, gw: Gateway) -> int:
             default = max(default, int(rag.get("max_tokens", default)))
         per_choice = min(default, s.max_tokens_limit)
     return per_choice * req.choices()
+
+
+Citer = Callable[[str], str]
+
+
+def _citer(gw: Gateway, route: Route, retrieved: list[dict[str, Any]], chunks: list[Any]) -> Citer:
+    """For one grounded answer's text: the markers the gateway appends to it ('' for none), with the answer
+    counted by who cited its source."""
+    alias = route.alias or route.served_model
+
+    def cite(answer: str) -> str:
+        if cited_sources(retrieved, answer):
+            by, marker = "model", ""
+        else:
+            marker = missing_citation(retrieved, chunks, answer) if gw.settings.rag_cite_attributed else ""
+            by = "gateway" if marker else "none"
+        m.ANSWER_CITATIONS.labels(alias=alias, cited_by=by).inc()
+        return marker
+
+    return cite
+
+
+def _cite_choices(choices: list[dict[str, Any]], cite: Citer) -> list[int]:
+    """Append the gateway's markers to each non-streamed choice that cites nothing; the indexes of those that
+    got some."""
+    marked = []
+    for choice in choices:
+        message = choice.get("message") or {}
+        text = str(message.get("content") or "")
+        marker = cite(text)
+        if marker:
+            choice["message"] = {**message, "content": text.rstrip() + marker}
+            marked.append(int(choice.get("index") or 0))
+    return marked
+
+
+def _cite_in_stream(
+    choice: dict[str, Any], delta: str, said: list[str], held: dict[int, str], cite: Citer, cited: list[int]
+) -> None:
+    """One streamed chunk of a grounded choice, rewritten in place: trailing whitespace waits for the next text,
+    and the last chunk carries the gateway's markers right after the text (as ``_cite_choices`` writes them), or
+    the whitespace it held when there are none. ``said`` is what the choice said so far, this delta included."""
+    index = int(choice.get("index") or 0)
+    out = held.pop(index, "") + delta
+    text = out.rstrip()
+    if choice.get("finish_reason") is None:
+        held[index] = out[len(text) :]
+    else:
+        marker = cite("".join(said))
+        if marker:  # before its finish_reason reaches the client
+            said[:] = ["".join(said).rstrip(), marker]
+            cited.append(index)
+        text = text + marker if marker else out
+    if text != delta:
+        choice["delta"] = {**(choice.get("delta") or {}), "content": text}
 
 
 def _tandem_info(route: Route, rag: bool) -> dict[str, Any]:
@@ -163,6 +219,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         finally:
             slot.release()
     info = _tandem_info(route, rag)
+    cite = _citer(gw, route, retrieved, chunks)
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     # The gateway's own id for this answer (the response's "id", on every chunk of a stream): feedback names it
     response_id = answer_log.new_response_id()
@@ -180,6 +237,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         payload = json.loads(raw)
         payload["id"] = response_id
         _record_usage(route, payload.get("usage"))
+        if rag:  # the choices that cite nothing get the sources their sentences stand on
+            info["gateway_cited"] = _cite_choices(payload.get("choices") or [], cite)
         said = [str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or []]
         text = "\n".join(said)
         payload["citations"] = cited_sources(retrieved, text)
@@ -189,7 +248,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         remember(retrieved, said[0] if said else "", payload["citations"])
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
-        release_after(_stream(up, retrieved, chunks, info, wants_usage, started, response_id, remember), slot),
+        release_after(
+            _stream(up, retrieved, chunks, info, wants_usage, started, response_id, remember, cite if rag else None),
+            slot,
+        ),
         media_type="text/event-stream",
         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -204,15 +266,18 @@ async def _stream(
     started: float,
     response_id: str,
     remember: Callable[[list[dict[str, Any]], str, list[dict[str, Any]]], None],
+    cite: Citer | None = None,
 ) -> AsyncIterator[str]:
     """vLLM's chunks as they come (with the gateway's response id), then the citations event (the sources the
-    answer cited, those its sentences stand on, and every one retrieved), then [DONE]. A stream that completes
-    is handed to ``remember``."""
+    answer cited, those its sentences stand on, and every one retrieved), then [DONE]. A grounded choice's last
+    chunk carries the markers ``cite`` appends to it, if any. A stream that completes is handed to ``remember``."""
     route = up.route
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     first = True
     last: dict[str, Any] = {}
     said: dict[int, list[str]] = {}  # what each choice said, for the citations
+    gateway_cited: list[int] = []  # the choices whose markers the gateway wrote
+    held: dict[int, str] = {}  # a grounded choice's trailing whitespace, sent with its next text
     try:
         async for line in up.lines():
             if not line.startswith("data:"):
@@ -222,11 +287,14 @@ async def _stream(
                 break
             chunk = json.loads(data)
             chunk["id"] = response_id
-            data = json.dumps(chunk)
             last = chunk
             for choice in chunk.get("choices") or []:
                 delta = str((choice.get("delta") or {}).get("content") or "")
-                said.setdefault(int(choice.get("index") or 0), []).append(delta)
+                index = int(choice.get("index") or 0)
+                said.setdefault(index, []).append(delta)
+                if cite is not None:
+                    _cite_in_stream(choice, delta, said[index], held, cite, gateway_cited)
+            data = json.dumps(chunk)
             if chunk.get("usage") and not chunk.get("choices"):
                 _record_usage(route, chunk["usage"])
                 if not wants_usage:
@@ -245,7 +313,7 @@ async def _stream(
             "citations": cited_sources(retrieved, text),
             "attributions": attributed_sources(retrieved, chunks, text),
             "retrieved": retrieved,
-            "tandem": info,
+            "tandem": {**info, "gateway_cited": gateway_cited} if cite is not None else info,
         }
         remember(retrieved, "".join(said.get(0, [])), final["citations"])  # queued before the client can reply
         yield f"data: {json.dumps(final)}\n\n"

@@ -67,7 +67,7 @@ function renderAnswer(text, count) {
   }
 }
 
-function renderCitations(citations, cited = new Set(), attributed = new Set()) {
+function renderCitations(citations, cited = new Set(), attributed = new Set(), citedBy = "cited") {
   const list = $("citations");
   list.replaceChildren();
   for (const c of citations) {
@@ -75,7 +75,7 @@ function renderCitations(citations, cited = new Set(), attributed = new Set()) {
     li.id = "cite-" + c.index;
     li.value = c.index;
     const title = document.createElement("strong");
-    const marks = [cited.has(c.index) ? "cited" : "", attributed.has(c.index) ? "holds the answer's words" : ""];
+    const marks = [cited.has(c.index) ? citedBy : "", attributed.has(c.index) ? "holds the answer's words" : ""];
     const mark = marks.filter(Boolean).join(", ");
     title.textContent = (c.title || c.document_path) + (mark ? ` (${mark})` : "");
     const path = document.createElement("div");
@@ -127,8 +127,10 @@ async function ask(event) {
     const sources = data.retrieved || data.citations || [];
     renderAnswer(data.choices[0].message.content || "", sources.length);
     const indexes = (list) => new Set((list || []).map((c) => c.index));
-    renderCitations(sources, indexes(data.citations), indexes(data.attributions));
     const t = data.tandem || {};
+    // The gateway writes the markers of an answer that cited nothing itself (tandem.gateway_cited).
+    const citedBy = (t.gateway_cited || []).includes(0) ? "cited by the gateway" : "cited";
+    renderCitations(sources, indexes(data.citations), indexes(data.attributions), citedBy);
     const served = $("served");
     served.textContent = `served by ${t.served_model || data.model}` +
       (t.adapter_version ? ` (adapter v${t.adapter_version})` : "") +

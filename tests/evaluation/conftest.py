@@ -40,6 +40,7 @@ def make_answers(arm: str) -> list[Answer]:
             cited_sources=["a.md"] if rag else [],
             source_hit=(i % 2 == 0) if rag else None,
             source_attributed=(i % 3 == 0) if rag else None,
+            gateway_cited=rag and i % 3 == 0,  # the gateway's markers: it cited what the source holds
             adapter_version=3 if arm.startswith("adapter") else None,
         )
         for i, ok in enumerate(OUTCOMES[arm])

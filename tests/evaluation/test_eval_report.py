@@ -35,6 +35,7 @@ def test_report_files_are_written(fixed_report: EvalReport, tmp_path: Path) -> N
     assert "35 documents, 420 chunks (all-MiniLM-L6-v2:384)" in md
     assert "Retrieval alone (top 5 chunks, 6 questions): recall@5 83%, MRR 0.70" in md
     assert "| q3 | no | no | yes | yes |" in md  # per-question matrix
+    assert "answers cited by the gateway: base + retrieval 2/6, adapter + retrieval 2/6" in md
     data = json.loads((out / "report.json").read_text())
     assert data["arms"][3]["accuracy"] == pytest.approx(5 / 6)
     assert len(data["arms"][0]["answers"]) == 6

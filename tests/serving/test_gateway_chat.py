@@ -51,6 +51,7 @@ def test_answer_with_citations(gateway: Gateway) -> None:
         "served_model": f"{ALIAS}-v{data['tandem']['adapter_version']}",
         "rag": True,
         "fallback": False,
+        "gateway_cited": data["tandem"]["gateway_cited"],  # [0] or []: test_gateway_citing checks the markers
     }
     assert "x-tandem-fallback" not in raw.headers
 
