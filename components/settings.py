@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     max_top_k: int = 20
     # Decoding of answers grounded in retrieved sources, used where the caller leaves a field unset; one set for
-    # the base model, one for an alias's adapter (chosen with `tandem bench decoding`, see the README). JSON in
+    # the base model, one for an alias's adapter (chosen with `tandem bench decoding`, docs/training.md). JSON in
     # the environment, e.g. TANDEM_RAG_DECODING_BASE='{"temperature": 0, "stop": ["\\n\\n"]}'. No repetition
     # penalty: vLLM applies it to the prompt's tokens too, and a grounded answer has to repeat its sources' words.
     rag_decoding_base: dict[str, Any] = Field(
@@ -178,10 +178,10 @@ class Settings(BaseSettings):
         default_factory=lambda: {"temperature": 0.0, "repetition_penalty": 1.0, "max_tokens": 96}
     )
     # A grounded answer that cites no source gets the markers of the sources its sentences stand on appended
-    # (" [1]", the gateway's attribution; README "Citations the gateway writes"); off: the text is the model's
+    # (" [1]", the gateway's attribution; docs/gateway.md "Citations the gateway writes"); off: the text is the model's
     rag_cite_attributed: bool = True
     reconcile_interval_s: float = 5.0
-    # Fleet lifecycle (serving/lifecycle.py, README "Fleet: promotion, drain, reconcile"): gateways LISTEN for
+    # Fleet lifecycle (serving/lifecycle.py, docs/gateway.md "Fleet: promotion, drain, reconcile"): gateways LISTEN for
     # registry switches (off: only the reconcile round picks them up); a second promotion of one alias waits this
     # long for the alias's advisory lock, then 409; a retired version stays on a replica at least the grace
     # period after its switch, and until vLLM reports no running or waiting request on it
@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = 300.0
     db_pool_size: int = 4
 
-    # Limits (serving/limits.py, README "Limits"): request shape, rate limits per key name counted in Postgres
+    # Limits (serving/limits.py, docs/gateway.md "Limits"): request shape, rate limits per key name counted in Postgres
     # (every gateway shares them; 0 turns one off), a per-process cap on requests to vLLM with a short queue,
     # statement_timeout on every gateway query, and the time budgets of /metrics' snapshot and /ready
     max_n: int = Field(default=4, ge=1)
@@ -212,7 +212,7 @@ class Settings(BaseSettings):
     # Fault tolerance (issue 14): how long a gateway request waits for a pooled Postgres connection before its
     # DB step fails (retrieval then answers 503), so a chat with Postgres down answers in about 3 s, not 10 s
     db_pool_timeout_s: float = Field(default=2.0, gt=0)
-    # Feedback from answers (serving/answer_log.py, serving/routers/feedback.py, README "Feedback from answers"):
+    # Feedback from answers (serving/answer_log.py, routers/feedback.py, docs/gateway.md "Feedback from answers"):
     # record each answer (question, alias and version, retrieved chunk ids, answer, key name) so POST /v1/feedback
     # can rate it or correct it. On by default for local use; a deployment that handles personal data decides
     # (questions are stored as asked), and rows older than answer_retention_days are purged. The queue bounds
@@ -252,11 +252,11 @@ class Settings(BaseSettings):
     # index (components/training/raft.py); off: the examples as written
     train_with_sources: bool = True
     # Share of examples whose sources lack the answer (target: "not in the sources"). Off by default: at 0.1 the
-    # one-epoch adapter abstained on answerable questions; at 0 the gate's domain gain was largest (README).
+    # one-epoch adapter abstained on answerable questions; at 0 the gate's domain gain was largest (docs/training.md).
     train_unanswerable_share: float = Field(default=0.0, ge=0.0, lt=1.0)
     train_seed: int = 0
     domain_data_root: str = "data/domain"  # aliases other than default_alias read <root>/<alias>
-    # Domain data intake (components/training/intake.py, README "Domain data intake and review"): the aliases
+    # Domain data intake (components/training/intake.py, docs/training.md "Domain data intake and review"): the aliases
     # examples may be added for (besides default_alias and every alias in the adapter registry); each alias's
     # landing location, any fsspec URL with "{alias}" in it or one subfolder per alias (empty: the data_location
     # above); whether files found there are approved as they are imported (feedback corrections never are); the

@@ -3,7 +3,7 @@
 - ``check_filters`` / ``check_messages``: bounds from the settings, answered 400 naming the field.
 - ``RateLimiter``: requests and completion tokens per minute for each key name, checked and charged by one atomic
   SQL statement (GCRA) on ``gateway_rate_limits`` (migration 0007), so every gateway of a fleet sees the same
-  counters. No maintained limiter keeps its state in Postgres in a way that fits (see the README, "Limits").
+  counters. No maintained limiter keeps its state in Postgres in a way that fits (docs/gateway.md, "Limits").
 - ``UpstreamGate``: at most ``upstream_max_in_flight`` requests to vLLM from this process, a queue of
   ``upstream_max_queue`` waiting at most ``upstream_queue_timeout_s``; beyond that 503 at once. Per process on
   purpose: it protects this process and the replicas it talks to, and needs no shared state.

@@ -424,7 +424,7 @@ DISCOVERY_ADMITTED = Counter(
 )
 
 # --- GPU exporter (serving/gpu_exporter.py), its own registry: it runs as its own process. -----------------
-# Names map onto NVIDIA dcgm-exporter's (see README, "GPU exporter"), labels follow its gpu/UUID/modelName.
+# Names map onto NVIDIA dcgm-exporter's (docs/gateway.md, "GPU exporter"), labels follow its gpu/UUID/modelName.
 GPU_REGISTRY = CollectorRegistry(auto_describe=True)
 _GPU_LABELS = ["gpu", "UUID", "modelName"]
 

@@ -22,7 +22,7 @@ from components.vllm_client import first_vllm_url
 DEMO_QUESTION = "What is the capital of France? Answer in one word."
 DOMAIN_QUESTION = "What does BSR stand for at the harbour, and when is one required?"
 # One pass over the sample's rendered examples (8 per step). The demo trains LoRA in the last 10 decoder layers
-# only, 1.6 times the tokens per second of all layers on a CPU (see the README), and evaluates with 8 requests in
+# only, 1.6 times the tokens per second of all layers on a CPU (see docs/training.md), and evaluates with 8 requests in
 # flight; `tandem train` and `tandem eval` keep the settings' defaults. An environment variable that is set wins.
 DEMO_TRAIN_STEPS = 22
 DEMO_ENV = {"TANDEM_LORA_LAYERS": "10", "TANDEM_EVAL_CONCURRENCY": "8"}

@@ -32,7 +32,7 @@ def gateway_database_url(settings: Settings | None = None) -> str:
     if settings.database_url:
         raise ConfigError(
             "TANDEM_GATEWAY_DATABASE_URL is not set: the gateway does not connect as the schema owner of "
-            f"TANDEM_DATABASE_URL; set it to the {GATEWAY_ROLE} role's URL (README: Deploying)"
+            f"TANDEM_DATABASE_URL; set it to the {GATEWAY_ROLE} role's URL (docs/operations.md: Deploying)"
         )
     return make_conninfo(database_url(settings), user=GATEWAY_ROLE, password="")
 

@@ -10,7 +10,7 @@ learning rate so small that the candidate answers as the base model does, so the
 
 With TANDEM_BENCH_INTAKE_CHAIN_OUT set, the timings of both chains (event, scheduler wait, training, gate,
 promotion, first answer of the new adapter through the gateway) are written there as JSON; they are measured
-here, never asserted (README "New data to a new adapter").
+here, never asserted (docs/training.md "New data to a new adapter").
 """
 
 from __future__ import annotations
