@@ -33,10 +33,18 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+def _singular(normalized: str) -> str:
+    """Each word of a normalised text without a plural -s (not -ss, nor words of three letters or fewer), so a
+    unit read in the singular is the same answer: "a 110 metre vessel" holds "110 metres"."""
+    words = normalized.split()
+    return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words)
+
+
 def answer_matches(prediction: str, expected: str) -> bool:
-    """True when the normalised expected answer equals, or appears as whole words in, the prediction."""
-    want = normalize(expected)
-    got = normalize(prediction)
+    """True when the normalised expected answer equals, or appears as whole words in, the prediction; words are
+    compared without a plural -s."""
+    want = _singular(normalize(expected))
+    got = _singular(normalize(prediction))
     if not want:
         return False
     return got == want or f" {want} " in f" {got} "

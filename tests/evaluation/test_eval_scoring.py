@@ -34,6 +34,11 @@ from .conftest import build_report, make_answers
         ("Interest is 1.5% per month.", "1.5 percent per month", True),  # one unit, three spellings
         ("a surcharge of 10 per cent", "10%", True),
         ("1.5% per year", "1.5 percent per month", False),
+        ("the 110 metre Long Barrow", "110 metres", True),  # a unit in the singular before a noun
+        ("a 140 litre diesel spill", "140 litres", True),
+        ("kept for 31 days", "31 day", True),
+        ("9 knots", "3 knots", False),
+        ("a glass hull", "glasses", False),  # -ss is no plural: "glasses" is not folded to "glass"
         ("2140 people", "214", False),  # whole words only
         ("ninety days", "90 days", False),
         ("", "214", False),
