@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ EVALUATED_URI = "tandem://adapters/evaluated"  # extra: {"alias", "adapter_versi
 ALIAS_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as the registry's CHECK
 GENERATED_LOGINS = "simple_auth_manager_passwords.json.generated"
 TIMEOUT_S = 120.0  # Airflow standalone on SQLite answers slowly while its own processes write
+EVENT_RETRIES = 2  # more tries of an asset event that Airflow answered 5xx (post_asset_event)
 
 
 class AirflowUnreachableError(ServiceError):
@@ -62,13 +64,18 @@ def _password(settings: Settings) -> str:
     return password
 
 
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    try:
-        resp = client.request(method, path, **kwargs)
-    except httpx.TransportError as exc:
-        raise AirflowUnreachableError(
-            f"Airflow at {client.base_url} is not reachable ({type(exc).__name__}); is it up? (`tandem up`)"
-        ) from None
+def _call(client: httpx.Client, method: str, path: str, retries: int = 0, **kwargs: Any) -> httpx.Response:
+    """One API call; ``retries`` more tries (1 s, 2 s, ... apart) where Airflow answers 5xx."""
+    for attempt in range(retries + 1):
+        try:
+            resp = client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise AirflowUnreachableError(
+                f"Airflow at {client.base_url} is not reachable ({type(exc).__name__}); is it up? (`tandem up`)"
+            ) from None
+        if resp.status_code < 500 or attempt == retries:
+            break
+        time.sleep(1.0 + attempt)
     if resp.status_code in (401, 403):
         raise ConfigError(f"Airflow at {client.base_url} refused the credentials ({resp.status_code} on {path})")
     if resp.status_code >= 400:
@@ -106,7 +113,9 @@ def post_asset_event(settings: Settings, uri: str, extra: dict[str, Any]) -> dic
     """Create an event on the asset ``uri`` with ``extra``; returns Airflow's record of it (id, timestamp)."""
     with client(settings) as http:
         body = {"asset_id": asset_id(http, uri), "extra": extra}
-        event: dict[str, Any] = _call(http, "POST", "/api/v2/assets/events", json=body).json()
+        # Airflow on SQLite (standalone) answers 500 "Database error" when its scheduler holds the database; the
+        # request's transaction is rolled back then, so nothing was created and a second try is safe
+        event: dict[str, Any] = _call(http, "POST", "/api/v2/assets/events", retries=EVENT_RETRIES, json=body).json()
     return event
 
 

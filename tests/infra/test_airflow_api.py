@@ -7,15 +7,17 @@ import json
 import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
+from components import airflow_api
 from components.airflow_api import (
     GENERATED_LOGINS,
     AirflowUnreachableError,
     announce_domain_data,
     event_aliases,
 )
-from components.errors import ConfigError
+from components.errors import ConfigError, ServiceError
 from components.settings import Settings
 
 
@@ -49,3 +51,27 @@ def test_event_aliases_in_order_once_default_for_none_bad_ones_left_out() -> Non
     aliases, skipped = event_aliases(extras, "harbour")
     assert aliases == ["b", "harbour", "a"]
     assert len(skipped) == 1 and "'Bad Alias'" in skipped[0]
+
+
+def test_a_5xx_is_tried_again_and_a_4xx_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in for Airflow's API (httpx.MockTransport): the 500 its SQLite metadata database gives while the
+    # scheduler holds it cannot be brought about on demand; the real Airflow is in test_scheduler_chain.py.
+    monkeypatch.setattr(airflow_api.time, "sleep", lambda s: None)
+    answers = iter([500, 500, 200])
+    seen = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        status = next(answers)
+        return httpx.Response(status, json={"id": 1} if status == 200 else {"detail": "Database error"})
+
+    with httpx.Client(base_url="http://airflow.invalid", transport=httpx.MockTransport(reply)) as http:
+        assert airflow_api._call(http, "POST", "/api/v2/assets/events", retries=2, json={}).json() == {"id": 1}
+        assert len(seen) == 3
+        answers = iter([500, 200])
+        with pytest.raises(ServiceError, match="Airflow answered 500"):
+            airflow_api._call(http, "POST", "/api/v2/assets/events", json={})  # no retries asked: one try
+        answers = iter([404])
+        with pytest.raises(ServiceError, match="Airflow answered 404"):
+            airflow_api._call(http, "POST", "/api/v2/assets/events", retries=2, json={})
+    assert len(seen) == 5
