@@ -219,7 +219,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         finally:
             slot.release()
     info = _tandem_info(route, rag)
-    cite = _citer(gw, route, retrieved, chunks)
+    cite = _citer(gw, route, retrieved, chunks) if rag else None  # grounded answers only
     labels = {"alias": route.alias or "", "adapter_version": str(route.adapter_version or "")}
     # The gateway's own id for this answer (the response's "id", on every chunk of a stream): feedback names it
     response_id = answer_log.new_response_id()
@@ -237,7 +237,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         payload = json.loads(raw)
         payload["id"] = response_id
         _record_usage(route, payload.get("usage"))
-        if rag:  # the choices that cite nothing get the sources their sentences stand on
+        if cite is not None:  # the choices that cite nothing get the sources their sentences stand on
             info["gateway_cited"] = _cite_choices(payload.get("choices") or [], cite)
         said = [str((c.get("message") or {}).get("content") or "") for c in payload.get("choices") or []]
         text = "\n".join(said)
@@ -249,7 +249,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gw: Gat
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
         release_after(
-            _stream(up, retrieved, chunks, info, wants_usage, started, response_id, remember, cite if rag else None),
+            _stream(up, retrieved, chunks, info, wants_usage, started, response_id, remember, cite),
             slot,
         ),
         media_type="text/event-stream",
